@@ -1,0 +1,59 @@
+# Declarations of the C headers in include/.  Every block is nogil, and extern
+# functions are noexcept in Cython 3: none of them raises a Python exception.
+from libc.stdint cimport uint64_t, int64_t
+
+cdef extern from "kvc_simd.h" nogil:
+    int KVC_SCALAR, KVC_SSE2, KVC_AVX2, KVC_AVX512, KVC_NEON, KVC_N_BACKENDS, KVC_VECTOR
+    ctypedef void (*kvc_copy_fn)(void *dst, const void *src, size_t n)
+    ctypedef struct kvc_simd_ops:
+        kvc_copy_fn copy
+        int backend
+    kvc_simd_ops kvc_simd
+    int kvc_simd_init()
+    int kvc_simd_force(int backend)
+    int kvc_simd_available(int backend)
+    int kvc_simd_best()
+    const char *kvc_simd_name(int backend)
+    int kvc_simd_from_name(const char *name)
+    kvc_copy_fn kvc_simd_copy_fn(int backend)
+
+cdef extern from "kvc_alloc.h" nogil:
+    void *kvc_alloc(size_t size, size_t align)
+    void kvc_free(void *ptr)
+    void kvc_prefault(void *ptr, size_t size)
+    int64_t kvc_alloc_live_bytes()
+    int64_t kvc_alloc_live_blocks()
+
+cdef extern from "kvc_stats.h" nogil:
+    enum kvc_stat_id:
+        KVC_STAT_TOKENS_STORED
+        KVC_STAT_BYTES_STORED
+        KVC_STAT_TOKENS_READ
+        KVC_STAT_BYTES_READ
+        KVC_STAT_HOT_HITS
+        KVC_STAT_COLD_HITS
+        KVC_STAT_EVICTIONS
+        KVC_N_STATS
+    ctypedef struct kvc_stats:
+        pass
+    kvc_stats *kvc_stats_new()
+    void kvc_stats_free(kvc_stats *s)
+    void kvc_stats_add(kvc_stats *s, int which, uint64_t n)
+    uint64_t kvc_stats_get(const kvc_stats *s, int which)
+
+cdef extern from "kvc_lock.h" nogil:
+    ctypedef struct kvc_lock:
+        pass
+    int kvc_lock_init(kvc_lock *l)
+    void kvc_lock_destroy(kvc_lock *l)
+    void kvc_lock_acquire(kvc_lock *l)
+    void kvc_lock_release(kvc_lock *l)
+
+cdef extern from "kvc_status.h" nogil:
+    enum kvc_status:
+        KVC_OK
+        KVC_E_NOMEM
+        KVC_E_FULL
+        KVC_E_CLOSED
+        KVC_E_RANGE
+        KVC_E_INVALID

@@ -1,0 +1,1 @@
+cdef int check_status(int code, str detail=*) except -1

@@ -1,0 +1,62 @@
+"""Build of kvcache's extension modules.
+
+Environment knobs (all optional):
+  KVCACHE_DEBUG=1       Cython bounds/wraparound checks on, -O0 -g.
+  KVCACHE_NATIVE=1      add -march=native to the portable files (opt-in; the
+                        wheel then runs only on CPUs like the build machine).
+  KVCACHE_VECTOR=N      force the compile-time path (0 scalar, 1 sse2, 4 neon).
+"""
+import os
+import platform
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("KVCACHE_DEBUG", "") not in ("", "0")
+machine = platform.machine().lower()
+x86 = machine in ("x86_64", "amd64", "i686", "x86")
+
+cflags = ["-std=c11", "-O0", "-g"] if DEBUG else ["-std=c11", "-O3"]
+cflags += ["-Wno-unused-function"]
+if os.environ.get("KVCACHE_NATIVE", "") not in ("", "0"):
+    cflags.append("-march=native")
+if os.environ.get("KVCACHE_VECTOR"):
+    cflags.append(f"-DKVC_VECTOR={int(os.environ['KVCACHE_VECTOR'])}")
+openmp = ["-fopenmp"]
+
+# AVX2/AVX-512 code lives in its own file, compiled at the baseline with
+# per-function target attributes: no -mavx* and no -march on it, ever.
+simd_sources = ["src/kvc_dispatch.c"] + (["src/kvc_simd_x86.c"] if x86 else [])
+baseline_cflags = [f for f in cflags if not f.startswith("-march")]
+
+
+def ext(name, sources=(), extra_compile=(), extra_link=()):
+    return Extension(
+        f"kvcache.{name}",
+        [f"kvcache/{name}.pyx", *sources],
+        include_dirs=["include", np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_20_API_VERSION")],
+        extra_compile_args=(baseline_cflags if sources else cflags) + list(extra_compile),
+        extra_link_args=list(extra_link),
+    )
+
+
+extensions = [
+    ext("_simd", simd_sources),
+    ext("_status"),
+    ext("_arrays"),
+    ext("_hot", extra_compile=openmp, extra_link=openmp),
+    ext("_cache"),
+]
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": not DEBUG,
+    "embedsignature": True,
+}
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives))
