@@ -21,7 +21,7 @@ cdef cnp.ndarray as_array(object obj, str name, bint writable):
     cdef cnp.ndarray a
     if cnp.PyArray_Check(obj):
         a = <cnp.ndarray>obj
-    elif (PyObject_CheckBuffer(obj) or hasattr(type(obj), "__array_interface__")
+    elif (PyObject_CheckBuffer(obj) or hasattr(obj, "__array_interface__")
           or hasattr(type(obj), "__array__")) and not isinstance(obj, (str, bytes)):
         try:
             a = np.asarray(obj)
@@ -41,18 +41,21 @@ cdef cnp.ndarray as_array(object obj, str name, bint writable):
 
 
 cdef Py_ssize_t check_rows(cnp.ndarray a, str name, int ndim, Py_ssize_t n_heads,
-                           Py_ssize_t head_dim) except -1:
+                           Py_ssize_t head_dim, bint or_single=False) except -1:
     """Check ``a`` is ``[..., n_heads, head_dim]`` of rank ``ndim`` with dense inner rows.
 
-    Returns the size of the first axis (1 for a single token of rank 2).
+    With ``or_single``, one token of rank 2 is accepted too.  Returns the size
+    of the first axis (1 for a single token).
     """
     cdef int nd = cnp.PyArray_NDIM(a)
     cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(a)
     cdef cnp.npy_intp *strides = cnp.PyArray_STRIDES(a)
-    if nd != ndim or shape[nd - 1] != head_dim or shape[nd - 2] != n_heads:
+    if (nd != ndim and not (or_single and nd == 2)) or shape[nd - 1] != head_dim or shape[nd - 2] != n_heads:
         lead = ["T", "n_layers, T"][ndim - 3] + ", " if ndim > 2 else ""
-        raise ValueError(f"{name}: expected shape [{lead}{n_heads}, {head_dim}] "
-                         f"(rank {ndim}), got {_shape_str(a)}")
+        expected = f"[{lead}{n_heads}, {head_dim}] (rank {ndim})"
+        if or_single:
+            expected = f"[{n_heads}, {head_dim}] or " + expected
+        raise ValueError(f"{name}: expected shape {expected}, got {_shape_str(a)}")
     if (head_dim > 1 and strides[nd - 1] != 4) or (n_heads > 1 and strides[nd - 2] != head_dim * 4):
         raise ValueError(f"{name}: expected the last two dimensions [{n_heads}, {head_dim}] to be "
                          f"C-contiguous, got strides {(<object>a).strides}")

@@ -45,6 +45,7 @@ cdef class TieredKVCache:
     """
 
     cdef readonly object config
+    cdef object __weakref__
     cdef HotTier hot
     cdef Py_ssize_t n_layers, n_heads, head_dim
 
@@ -123,14 +124,12 @@ cdef class TieredKVCache:
         cdef Py_ssize_t l = self._layer(layer)
         cdef cnp.ndarray k = as_array(keys, "keys", False)
         cdef cnp.ndarray v = as_array(values, "values", False)
-        cdef int ndim = 3 if batch or cnp.PyArray_NDIM(k) != 2 else 2
-        cdef Py_ssize_t n = check_rows(k, "keys", ndim, self.n_heads, self.head_dim)
-        if check_rows(v, "values", ndim, self.n_heads, self.head_dim) != n:
-            raise ValueError(f"values: expected {n} tokens like keys, got {v.shape[0]}")
-        if n == 0:
-            raise ValueError("keys: expected at least one token, got 0")
-        cdef Py_ssize_t k_step = cnp.PyArray_STRIDE(k, 0) if ndim == 3 else 0
-        cdef Py_ssize_t v_step = cnp.PyArray_STRIDE(v, 0) if ndim == 3 else 0
+        cdef Py_ssize_t n = check_rows(k, "keys", 3, self.n_heads, self.head_dim, not batch)
+        cdef Py_ssize_t nv = check_rows(v, "values", 3, self.n_heads, self.head_dim, not batch)
+        _check_tokens(n, nv)
+        # A single token has no token axis; its step is never used.
+        cdef Py_ssize_t k_step = cnp.PyArray_STRIDE(k, 0) if cnp.PyArray_NDIM(k) == 3 else 0
+        cdef Py_ssize_t v_step = cnp.PyArray_STRIDE(v, 0) if cnp.PyArray_NDIM(v) == 3 else 0
         cdef int status
         with nogil:
             status = self.hot.append(l, n, <const char *>cnp.PyArray_DATA(k), k_step,
@@ -182,11 +181,8 @@ cdef class TieredKVCache:
         if k.shape[0] != self.n_layers or v.shape[0] != self.n_layers:
             raise ValueError(f"keys/values: expected {self.n_layers} layers on axis 0, "
                              f"got {k.shape[0]} and {v.shape[0]}")
-        if k.shape[1] != v.shape[1]:
-            raise ValueError(f"values: expected {k.shape[1]} tokens like keys, got {v.shape[1]}")
         cdef Py_ssize_t n = k.shape[1]
-        if n == 0:
-            raise ValueError("keys: expected at least one token, got 0")
+        _check_tokens(n, v.shape[1])
         cdef int status
         with nogil:
             status = self.hot.append_all(
@@ -295,6 +291,10 @@ cdef class TieredKVCache:
         """Forget every position (statistics are kept; they count the cache's lifetime)."""
         self.truncate(0)
 
+    def _hot_tier(self):
+        """Test hook: the HotTier behind this cache."""
+        return self.hot
+
     # -- accounting -------------------------------------------------------
     def stats(self):
         """Counters since creation, as a dict of ints.
@@ -324,6 +324,15 @@ cdef class TieredKVCache:
     def threads(self, value):
         from kvcache.config import _positive_int
         self.hot.threads = _positive_int("threads", value)
+
+
+cdef int _check_tokens(Py_ssize_t n_keys, Py_ssize_t n_values) except -1:
+    for name, n in (("keys", n_keys), ("values", n_values)):
+        if n == 0:
+            raise ValueError(f"{name}: expected at least one token, got 0")
+    if n_values != n_keys:
+        raise ValueError(f"values: expected {n_keys} tokens like keys, got {n_values}")
+    return 0
 
 
 cdef Py_ssize_t _position(str name, object value, Py_ssize_t length, Py_ssize_t default) except? -1:

@@ -18,6 +18,7 @@ from kvcache._ckvc cimport (
 )
 from kvcache._simd cimport simd_ops
 from kvcache._status cimport check_status
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdlib cimport calloc, free
 
 cdef enum:
@@ -53,10 +54,16 @@ cdef inline void copy_rows(kvc_copy_fn copy, char *dst, Py_ssize_t dst_step,
 cdef class HotTier:
     """RAM arenas for ``n_layers`` layers of ``capacity`` rows of ``row_floats`` floats."""
 
-    def __cinit__(self, Py_ssize_t n_layers, Py_ssize_t capacity, Py_ssize_t row_floats,
-                  bint prefault=True, int threads=1):
+    def __cinit__(self, n_layers, capacity, row_floats, bint prefault=True, int threads=1):
         cdef Py_ssize_t l
         cdef size_t arena
+        # Sizes are multiplied as Python ints: a C product could wrap around
+        # and make a small arena that later stores would overrun.
+        if min(n_layers, capacity, row_floats) < 1:
+            raise ValueError("HotTier sizes must be positive")
+        if 2 * n_layers * capacity * row_floats * 4 > PY_SSIZE_T_MAX // 2:
+            raise MemoryError(f"a hot tier of {n_layers} x {capacity} x {row_floats} floats "
+                              f"is larger than this machine can address")
         self.n_layers = n_layers
         self.capacity = capacity
         self.row_floats = row_floats
@@ -64,15 +71,15 @@ cdef class HotTier:
         self.threads = threads
         self.ops = simd_ops()
         self.stats = kvc_stats_new()
-        self.layers = <HotLayer *>calloc(n_layers, sizeof(HotLayer))
+        self.layers = <HotLayer *>calloc(self.n_layers, sizeof(HotLayer))
         if self.stats == NULL or self.layers == NULL:
             raise MemoryError("cannot allocate the hot tier's bookkeeping")
-        for l in range(n_layers):
+        for l in range(self.n_layers):
             if kvc_lock_init(&self.layers[l].lock) != 0:
                 raise MemoryError("cannot create a layer lock")
             self.n_locks += 1
         arena = <size_t>capacity * <size_t>self.row_bytes
-        for l in range(n_layers):
+        for l in range(self.n_layers):
             self.layers[l].keys = <char *>kvc_alloc(arena, ARENA_ALIGN)
             self.layers[l].values = <char *>kvc_alloc(arena, ARENA_ALIGN)
             if self.layers[l].keys == NULL or self.layers[l].values == NULL:
@@ -80,7 +87,7 @@ cdef class HotTier:
                 check_status(KVC_E_NOMEM, f"cannot allocate 2 x {n_layers} arenas of {arena} bytes")
         if prefault:
             with nogil:
-                for l in range(n_layers):
+                for l in range(self.n_layers):
                     kvc_prefault(self.layers[l].keys, arena)
                     kvc_prefault(self.layers[l].values, arena)
 
@@ -229,3 +236,24 @@ cdef class HotTier:
         n = self.layers[layer].length if self.layers[layer].keys != NULL else -1
         kvc_lock_release(&self.layers[layer].lock)
         return n
+
+    def _debug_arenas(self):
+        """Test hook: per layer (keys address, values address, nonzero bytes past the end).
+
+        The last item proves arenas start zeroed and that stores write only
+        their own rows.
+        """
+        cdef Py_ssize_t l, i, nz, end = self.capacity * self.row_bytes
+        cdef HotLayer *L
+        out = []
+        for l in range(self.n_layers):
+            L = &self.layers[l]
+            with nogil:
+                kvc_lock_acquire(&L.lock)
+                nz = 0
+                if L.keys != NULL:
+                    for i in range(L.length * self.row_bytes, end):
+                        nz += (L.keys[i] != 0) + (L.values[i] != 0)
+                kvc_lock_release(&L.lock)
+            out.append((<size_t>L.keys, <size_t>L.values, nz))
+        return out
