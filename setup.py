@@ -23,7 +23,6 @@ if os.environ.get("KVCACHE_NATIVE", "") not in ("", "0"):
     cflags.append("-march=native")
 if os.environ.get("KVCACHE_VECTOR"):
     cflags.append(f"-DKVC_VECTOR={int(os.environ['KVCACHE_VECTOR'])}")
-openmp = ["-fopenmp"]
 
 # AVX2/AVX-512 code lives in its own file, compiled at the baseline with
 # per-function target attributes: no -mavx* and no -march on it, ever.
@@ -46,7 +45,7 @@ extensions = [
     ext("_simd", simd_sources),
     ext("_status"),
     ext("_arrays"),
-    ext("_hot", extra_compile=openmp, extra_link=openmp),
+    ext("_hot", ["src/kvc_pool.c"], extra_link=["-pthread"]),
     ext("_cache"),
 ]
 

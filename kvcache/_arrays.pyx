@@ -56,6 +56,8 @@ cdef Py_ssize_t check_rows(cnp.ndarray a, str name, int ndim, Py_ssize_t n_heads
         if or_single:
             expected = f"[{n_heads}, {head_dim}] or " + expected
         raise ValueError(f"{name}: expected shape {expected}, got {_shape_str(a)}")
+    if cnp.PyArray_SIZE(a) == 0:
+        return shape[0] if nd > 2 else 1  # no element to lay out: any strides will do
     if (head_dim > 1 and strides[nd - 1] != 4) or (n_heads > 1 and strides[nd - 2] != head_dim * 4):
         raise ValueError(f"{name}: expected the last two dimensions [{n_heads}, {head_dim}] to be "
                          f"C-contiguous, got strides {(<object>a).strides}")

@@ -57,3 +57,8 @@ cdef extern from "kvc_status.h" nogil:
         KVC_E_CLOSED
         KVC_E_RANGE
         KVC_E_INVALID
+
+cdef extern from "kvc_pool.h" nogil:
+    int KVC_POOL_MAX_WORKERS
+    ctypedef void (*kvc_task_fn)(void *ctx, size_t i) noexcept nogil
+    int kvc_pool_run(int threads, size_t n_tasks, kvc_task_fn fn, void *ctx)

@@ -26,5 +26,3 @@ cdef class HotTier:
     cdef int truncate(self, Py_ssize_t n) noexcept nogil
     cdef Py_ssize_t length(self, Py_ssize_t layer) noexcept nogil
     cdef void _free_arenas(self) noexcept
-    cdef void _copy_in(self, Py_ssize_t l, Py_ssize_t n, const char *k, Py_ssize_t k_step,
-                       const char *v, Py_ssize_t v_step) noexcept nogil

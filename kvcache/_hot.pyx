@@ -6,13 +6,11 @@ All state of a layer is guarded by that layer's mutex; the GIL is never held
 while a lock is taken or a byte is copied.  Methods return ``kvc_status``
 codes; ``kvcache._status.check_status`` turns them into exceptions.
 """
-from cython.parallel cimport prange
-
 from kvcache._ckvc cimport (
     KVC_OK, KVC_E_NOMEM, KVC_E_FULL, KVC_E_CLOSED, KVC_E_RANGE,
     KVC_STAT_TOKENS_STORED, KVC_STAT_BYTES_STORED, KVC_STAT_TOKENS_READ,
     KVC_STAT_BYTES_READ, KVC_STAT_HOT_HITS, KVC_STAT_COLD_HITS, KVC_STAT_EVICTIONS,
-    kvc_copy_fn, kvc_alloc, kvc_free, kvc_prefault, kvc_alloc_live_bytes, kvc_alloc_live_blocks,
+    kvc_copy_fn, kvc_task_fn, kvc_pool_run, kvc_alloc, kvc_free, kvc_prefault, kvc_alloc_live_bytes, kvc_alloc_live_blocks,
     kvc_stats_new, kvc_stats_free, kvc_stats_add, kvc_stats_get,
     kvc_lock_init, kvc_lock_destroy, kvc_lock_acquire, kvc_lock_release,
 )
@@ -23,6 +21,10 @@ from libc.stdlib cimport calloc, free
 
 cdef enum:
     ARENA_ALIGN = 64  # bytes: one cache line, and the widest vector (AVX-512)
+    # store_layers calls moving fewer bytes than this copy on the calling thread:
+    # waking a thread team costs more than it saves on a decode step (256 KiB at
+    # 32 x 8 x 128), and stalls badly when the cores are busy with other work.
+    PARALLEL_MIN_BYTES = 1 << 20
 
 STAT_NAMES = {
     "tokens_stored": KVC_STAT_TOKENS_STORED,
@@ -49,6 +51,25 @@ cdef inline void copy_rows(kvc_copy_fn copy, char *dst, Py_ssize_t dst_step,
     else:
         for i in range(n):
             copy(dst + i * dst_step, src + i * src_step, <size_t>row_floats)
+
+
+cdef struct AppendJob:
+    # One store_layers call, shared by the pool threads: task l copies layer l.
+    HotLayer *layers
+    kvc_copy_fn copy
+    Py_ssize_t n, row_bytes, row_floats
+    const char *k
+    const char *v
+    Py_ssize_t k_layer_step, k_step, v_layer_step, v_step
+
+
+cdef void append_task(void *ctx, size_t l) noexcept nogil:
+    cdef AppendJob *j = <AppendJob *>ctx
+    cdef HotLayer *L = &j.layers[l]
+    copy_rows(j.copy, L.keys + L.length * j.row_bytes, j.row_bytes,
+              j.k + <Py_ssize_t>l * j.k_layer_step, j.k_step, j.n, j.row_bytes, j.row_floats)
+    copy_rows(j.copy, L.values + L.length * j.row_bytes, j.row_bytes,
+              j.v + <Py_ssize_t>l * j.v_layer_step, j.v_step, j.n, j.row_bytes, j.row_floats)
 
 
 cdef class HotTier:
@@ -163,6 +184,7 @@ cdef class HotTier:
         cdef int status = KVC_OK
         cdef int threads = self.threads
         cdef HotLayer *L
+        cdef AppendJob job
         for l in range(self.n_layers):  # ascending order: no deadlock with other lockers
             kvc_lock_acquire(&self.layers[l].lock)
         for l in range(self.n_layers):
@@ -174,10 +196,16 @@ cdef class HotTier:
                 status = KVC_E_FULL
                 break
         if status == KVC_OK:
-            if threads > self.n_layers:
-                threads = <int>self.n_layers
-            for l in prange(self.n_layers, num_threads=threads, schedule="static"):
-                self._copy_in(l, n, k + l * k_layer_step, k_step, v + l * v_layer_step, v_step)
+            job.layers = self.layers
+            job.copy = self.ops.copy
+            job.n = n
+            job.row_bytes = self.row_bytes
+            job.row_floats = self.row_floats
+            job.k, job.k_layer_step, job.k_step = k, k_layer_step, k_step
+            job.v, job.v_layer_step, job.v_step = v, v_layer_step, v_step
+            if 2 * n * self.n_layers * self.row_bytes < PARALLEL_MIN_BYTES:
+                threads = 1
+            kvc_pool_run(threads, self.n_layers, append_task, &job)
         for l in range(self.n_layers):
             if status == KVC_OK:
                 self.layers[l].length += n
@@ -186,14 +214,6 @@ cdef class HotTier:
             kvc_stats_add(self.stats, KVC_STAT_TOKENS_STORED, n * self.n_layers)
             kvc_stats_add(self.stats, KVC_STAT_BYTES_STORED, 2 * n * self.n_layers * self.row_bytes)
         return status
-
-    cdef void _copy_in(self, Py_ssize_t l, Py_ssize_t n, const char *k, Py_ssize_t k_step,
-                       const char *v, Py_ssize_t v_step) noexcept nogil:
-        cdef HotLayer *L = &self.layers[l]
-        copy_rows(self.ops.copy, L.keys + L.length * self.row_bytes, self.row_bytes,
-                  k, k_step, n, self.row_bytes, self.row_floats)
-        copy_rows(self.ops.copy, L.values + L.length * self.row_bytes, self.row_bytes,
-                  v, v_step, n, self.row_bytes, self.row_floats)
 
     cdef int read(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop,
                   char *k, Py_ssize_t k_step, char *v, Py_ssize_t v_step) noexcept nogil:

@@ -3,7 +3,10 @@
 #include <string.h>
 #include "kvc_simd.h"
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+/* Wider x86 paths are offered only on top of the SSE2 baseline: a build with
+ * -DKVC_VECTOR=0 is scalar and nothing else. */
+#if KVC_VECTOR == KVC_SSE2 && (defined(__x86_64__) || defined(_M_X64)) && \
+    (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
 #define KVC_X86 1
 

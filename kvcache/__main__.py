@@ -1,0 +1,3 @@
+from kvcache.demo import main
+
+main()
