@@ -15,6 +15,7 @@ cdef class HotTier:
     cdef readonly bint closed
     cdef int n_locks
     cdef public int threads
+    cdef readonly int last_threads   # threads the last store_layers ran on (written under every lock)
 
     cdef int append(self, Py_ssize_t layer, Py_ssize_t n,
                     const char *k, Py_ssize_t k_step, const char *v, Py_ssize_t v_step) noexcept nogil

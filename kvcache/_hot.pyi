@@ -14,6 +14,7 @@ class HotTier:
     row_bytes: int
     closed: bool
     threads: int
+    last_threads: int
     def __new__(cls, n_layers: int, capacity: int, row_floats: int,
                 prefault: bool = True, threads: int = 1) -> "HotTier": ...
     def close(self) -> None: ...

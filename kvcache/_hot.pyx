@@ -205,7 +205,7 @@ cdef class HotTier:
             job.v, job.v_layer_step, job.v_step = v, v_layer_step, v_step
             if 2 * n * self.n_layers * self.row_bytes < PARALLEL_MIN_BYTES:
                 threads = 1
-            kvc_pool_run(threads, self.n_layers, append_task, &job)
+            self.last_threads = kvc_pool_run(threads, self.n_layers, append_task, &job)
         for l in range(self.n_layers):
             if status == KVC_OK:
                 self.layers[l].length += n
