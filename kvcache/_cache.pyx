@@ -326,10 +326,9 @@ cdef class TieredKVCache:
         self.hot.threads = _positive_int("threads", value)
 
 
-cdef int _check_tokens(Py_ssize_t n_keys, Py_ssize_t n_values) except -1:
-    for name, n in (("keys", n_keys), ("values", n_values)):
-        if n == 0:
-            raise ValueError(f"{name}: expected at least one token, got 0")
+cdef inline int _check_tokens(Py_ssize_t n_keys, Py_ssize_t n_values) except -1:
+    if n_keys == 0 or n_values == 0:
+        raise ValueError(f"{'keys' if n_keys == 0 else 'values'}: expected at least one token, got 0")
     if n_values != n_keys:
         raise ValueError(f"values: expected {n_keys} tokens like keys, got {n_values}")
     return 0
