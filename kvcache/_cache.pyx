@@ -214,9 +214,7 @@ cdef class TieredKVCache:
         """
         self._check_open()
         cdef Py_ssize_t l = self._layer(layer)
-        cdef Py_ssize_t length
-        with nogil:
-            length = self.hot.length(l)
+        cdef Py_ssize_t length = self._length(l)
         cdef Py_ssize_t a = _position("start", start, length, 0)
         cdef Py_ssize_t b = _position("stop", stop, length, length)
         if a > b:
@@ -266,11 +264,13 @@ cdef class TieredKVCache:
     def layer_len(self, layer):
         """Positions stored in ``layer``."""
         self._check_open()
-        cdef Py_ssize_t l = self._layer(layer)
+        return self._length(self._layer(layer))
+
+    cdef Py_ssize_t _length(self, Py_ssize_t l) except -1:
         cdef Py_ssize_t n
         with nogil:
             n = self.hot.length(l)
-        if n < 0:
+        if n < 0:  # closed by another thread since the caller's check
             self._check_open()
         return n
 
