@@ -14,6 +14,14 @@
  *
  * Contract of every kvc_copy_<isa>(dst, src, n): copies n float32 values
  * (4*n bytes); dst and src are aligned to 4 bytes and do not overlap.
+ *
+ * kvc_copy_<isa>_nt is the same copy with streaming (non-temporal) stores for
+ * copies of at least KVC_NT_MIN_BYTES: the destination lines are written
+ * without first being read (no read-for-ownership) and bypass the caches.
+ * Stores into the cache's arenas use it: that memory is written once and read
+ * much later.  Copies out to a caller's buffer use the plain copy, since the
+ * caller reads them at once.  It ends with a store fence, so the data is
+ * visible to other threads once the layer lock is released.
  */
 #ifndef KVC_SIMD_H
 #define KVC_SIMD_H
@@ -52,6 +60,12 @@ extern "C" {
 #endif
 
 typedef void (*kvc_copy_fn)(void *dst, const void *src, size_t n);
+
+/* Below this, streaming stores lose: partly filled write-combining buffers
+ * and a fence cost more than the read-for-ownership they save. */
+#ifndef KVC_NT_MIN_BYTES
+#define KVC_NT_MIN_BYTES 2048
+#endif
 
 /* The scalar oracle: one 4-byte element per iteration.  Vectorisation and
  * memcpy idiom recognition are turned off so that "scalar" means scalar when
@@ -112,6 +126,29 @@ static inline void kvc_copy_sse2(void *dst, const void *src, size_t n)
     for (; i + 4 <= n; i += 4) _mm_storeu_ps(d + i, _mm_loadu_ps(s + i));
     kvc_copy_scalar(d + i, s + i, n - i);
 }
+
+static inline void kvc_copy_sse2_nt(void *dst, const void *src, size_t n)
+{
+    if (n * 4 < KVC_NT_MIN_BYTES) {
+        kvc_copy_sse2(dst, src, n);
+        return;
+    }
+    float *d = (float *)dst;
+    const float *s = (const float *)src;
+    size_t head = kvc_head_floats(d, n, 64); /* whole lines only */
+    kvc_copy_sse2(d, s, head);
+    size_t i = head;
+    for (; i + 16 <= n; i += 16) {
+        __m128 a = _mm_loadu_ps(s + i), b = _mm_loadu_ps(s + i + 4);
+        __m128 c = _mm_loadu_ps(s + i + 8), e = _mm_loadu_ps(s + i + 12);
+        _mm_stream_ps(d + i, a);
+        _mm_stream_ps(d + i + 4, b);
+        _mm_stream_ps(d + i + 8, c);
+        _mm_stream_ps(d + i + 12, e);
+    }
+    _mm_sfence();
+    kvc_copy_sse2(d + i, s + i, n - i);
+}
 #endif
 
 #if KVC_VECTOR == KVC_NEON
@@ -133,10 +170,15 @@ static inline void kvc_copy_neon(void *dst, const void *src, size_t n)
 }
 #endif
 
+/* Paths with no streaming store of their own reuse the plain copy. */
+#define kvc_copy_scalar_nt kvc_copy_scalar
+#define kvc_copy_neon_nt kvc_copy_neon
+
 /* Run-time selection (src/kvc_dispatch.c).  The table is filled once, at the
  * first call of kvc_simd_init(); kvc_simd_force() may change it later. */
 typedef struct kvc_simd_ops {
-    kvc_copy_fn copy;
+    kvc_copy_fn copy;     /* out of the cache: plain stores */
+    kvc_copy_fn copy_nt;  /* into the cache: streaming stores when large */
     int backend;
 } kvc_simd_ops;
 
@@ -150,11 +192,13 @@ int kvc_simd_available(int backend);       /* 1 if this CPU and build have it */
 int kvc_simd_best(void);                   /* what "auto" picks */
 const char *kvc_simd_name(int backend);
 int kvc_simd_from_name(const char *name);  /* -1 if unknown; "auto" -> best */
-kvc_copy_fn kvc_simd_copy_fn(int backend); /* NULL if unavailable */
+kvc_copy_fn kvc_simd_copy_fn(int backend, int streaming); /* NULL if unavailable */
 
 #if defined(__x86_64__) || defined(_M_X64)
 void kvc_copy_avx2(void *dst, const void *src, size_t n);
+void kvc_copy_avx2_nt(void *dst, const void *src, size_t n);
 void kvc_copy_avx512(void *dst, const void *src, size_t n);
+void kvc_copy_avx512_nt(void *dst, const void *src, size_t n);
 #endif
 
 #ifdef __cplusplus

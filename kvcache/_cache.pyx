@@ -110,8 +110,10 @@ cdef class TieredKVCache:
 
     cdef int _raise_store(self, int status, Py_ssize_t layer, Py_ssize_t n) except -1:
         if status == KVC_E_FULL:
-            have = self.layer_len(layer) if layer >= 0 else self.seq_len
-            where = f"layer {layer}" if layer >= 0 else "a layer"
+            if layer < 0:  # store_layers: name the fullest layer
+                layer = max(range(self.n_layers), key=self.layer_len)
+            have = self.layer_len(layer)
+            where = f"layer {layer}"
             c = self.config
             limit = ("hot_tokens=" if c.hot_capacity < c.max_seq_len else "max_seq_len=") + str(c.hot_capacity)
             return check_status(status, f"{where} holds {have} positions; {n} more would exceed "
@@ -318,11 +320,13 @@ cdef class TieredKVCache:
     @property
     def threads(self):
         """Native threads :meth:`store_layers` uses (settable)."""
+        self._check_open()
         return self.hot.threads
 
     @threads.setter
     def threads(self, value):
         from kvcache.config import _positive_int
+        self._check_open()
         self.hot.threads = _positive_int("threads", value)
 
 

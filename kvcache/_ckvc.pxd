@@ -3,10 +3,12 @@
 from libc.stdint cimport uint64_t, int64_t
 
 cdef extern from "kvc_simd.h" nogil:
+    int KVC_NT_MIN_BYTES
     int KVC_SCALAR, KVC_SSE2, KVC_AVX2, KVC_AVX512, KVC_NEON, KVC_N_BACKENDS, KVC_VECTOR
     ctypedef void (*kvc_copy_fn)(void *dst, const void *src, size_t n)
     ctypedef struct kvc_simd_ops:
         kvc_copy_fn copy
+        kvc_copy_fn copy_nt
         int backend
     kvc_simd_ops kvc_simd
     int kvc_simd_init()
@@ -15,7 +17,7 @@ cdef extern from "kvc_simd.h" nogil:
     int kvc_simd_best()
     const char *kvc_simd_name(int backend)
     int kvc_simd_from_name(const char *name)
-    kvc_copy_fn kvc_simd_copy_fn(int backend)
+    kvc_copy_fn kvc_simd_copy_fn(int backend, int streaming)
 
 cdef extern from "kvc_alloc.h" nogil:
     void *kvc_alloc(size_t size, size_t align)

@@ -56,7 +56,7 @@ cdef inline void copy_rows(kvc_copy_fn copy, char *dst, Py_ssize_t dst_step,
 cdef struct AppendJob:
     # One store_layers call, shared by the pool threads: task l copies layer l.
     HotLayer *layers
-    kvc_copy_fn copy
+    kvc_copy_fn copy_nt
     Py_ssize_t n, row_bytes, row_floats
     const char *k
     const char *v
@@ -66,9 +66,9 @@ cdef struct AppendJob:
 cdef void append_task(void *ctx, size_t l) noexcept nogil:
     cdef AppendJob *j = <AppendJob *>ctx
     cdef HotLayer *L = &j.layers[l]
-    copy_rows(j.copy, L.keys + L.length * j.row_bytes, j.row_bytes,
+    copy_rows(j.copy_nt, L.keys + L.length * j.row_bytes, j.row_bytes,
               j.k + <Py_ssize_t>l * j.k_layer_step, j.k_step, j.n, j.row_bytes, j.row_floats)
-    copy_rows(j.copy, L.values + L.length * j.row_bytes, j.row_bytes,
+    copy_rows(j.copy_nt, L.values + L.length * j.row_bytes, j.row_bytes,
               j.v + <Py_ssize_t>l * j.v_layer_step, j.v_step, j.n, j.row_bytes, j.row_floats)
 
 
@@ -165,9 +165,9 @@ cdef class HotTier:
         elif n > self.capacity - L.length:
             status = KVC_E_FULL
         else:
-            copy_rows(self.ops.copy, L.keys + L.length * self.row_bytes, self.row_bytes,
+            copy_rows(self.ops.copy_nt, L.keys + L.length * self.row_bytes, self.row_bytes,
                       k, k_step, n, self.row_bytes, self.row_floats)
-            copy_rows(self.ops.copy, L.values + L.length * self.row_bytes, self.row_bytes,
+            copy_rows(self.ops.copy_nt, L.values + L.length * self.row_bytes, self.row_bytes,
                       v, v_step, n, self.row_bytes, self.row_floats)
             L.length += n
         kvc_lock_release(&L.lock)
@@ -197,7 +197,7 @@ cdef class HotTier:
                 break
         if status == KVC_OK:
             job.layers = self.layers
-            job.copy = self.ops.copy
+            job.copy_nt = self.ops.copy_nt
             job.n = n
             job.row_bytes = self.row_bytes
             job.row_floats = self.row_floats

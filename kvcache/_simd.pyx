@@ -52,12 +52,13 @@ def set_simd_backend(str name):
     return simd_backend()
 
 
-def copy_with(str name, dst, src):
+def copy_with(str name, dst, src, bint streaming=False):
     """Copy float32 ``src`` into ``dst`` (both 1-D, C-contiguous) with one path.
 
-    Test hook: lets the suite compare every path with the scalar oracle.
+    Test hook: lets the suite compare every path, plain or streaming, with the
+    scalar oracle.
     """
-    cdef kvc_copy_fn fn = kvc_simd_copy_fn(_backend_id(name))
+    cdef kvc_copy_fn fn = kvc_simd_copy_fn(_backend_id(name), streaming)
     cdef float[::1] d = dst
     cdef const float[::1] s = src
     if d.shape[0] != s.shape[0]:

@@ -36,27 +36,49 @@ static int kvc_x86_has(int backend)
 
 static const char *const kvc_names[KVC_N_BACKENDS] = {"scalar", "sse2", "avx2", "avx512", "neon"};
 
-kvc_simd_ops kvc_simd = {kvc_copy_scalar, KVC_SCALAR};
+kvc_simd_ops kvc_simd = {kvc_copy_scalar, kvc_copy_scalar_nt, KVC_SCALAR};
 
-kvc_copy_fn kvc_simd_copy_fn(int backend)
+/* CPU features are read once; CPUID is slow under some hypervisors. */
+static int kvc_has_cache[KVC_N_BACKENDS] = {-1, -1, -1, -1, -1};
+
+static int kvc_has(int backend)
 {
-    switch (backend) {
-    case KVC_SCALAR: return kvc_copy_scalar;
+    if (kvc_has_cache[backend] < 0) {
+        int has = backend == KVC_SCALAR;
 #if KVC_VECTOR == KVC_SSE2
-    case KVC_SSE2: return kvc_copy_sse2;
+        has |= backend == KVC_SSE2;
 #endif
 #if KVC_VECTOR == KVC_NEON
-    case KVC_NEON: return kvc_copy_neon;
+        has |= backend == KVC_NEON;
 #endif
 #ifdef KVC_X86
-    case KVC_AVX2: return kvc_x86_has(KVC_AVX2) ? kvc_copy_avx2 : NULL;
-    case KVC_AVX512: return kvc_x86_has(KVC_AVX512) ? kvc_copy_avx512 : NULL;
+        if (backend == KVC_AVX2 || backend == KVC_AVX512) has = kvc_x86_has(backend);
+#endif
+        kvc_has_cache[backend] = has;
+    }
+    return kvc_has_cache[backend];
+}
+
+kvc_copy_fn kvc_simd_copy_fn(int backend, int streaming)
+{
+    if (backend < 0 || backend >= KVC_N_BACKENDS || !kvc_has(backend)) return NULL;
+    switch (backend) {
+    case KVC_SCALAR: return streaming ? kvc_copy_scalar_nt : kvc_copy_scalar;
+#if KVC_VECTOR == KVC_SSE2
+    case KVC_SSE2: return streaming ? kvc_copy_sse2_nt : kvc_copy_sse2;
+#endif
+#if KVC_VECTOR == KVC_NEON
+    case KVC_NEON: return streaming ? kvc_copy_neon_nt : kvc_copy_neon;
+#endif
+#ifdef KVC_X86
+    case KVC_AVX2: return streaming ? kvc_copy_avx2_nt : kvc_copy_avx2;
+    case KVC_AVX512: return streaming ? kvc_copy_avx512_nt : kvc_copy_avx512;
 #endif
     default: return NULL;
     }
 }
 
-int kvc_simd_available(int backend) { return kvc_simd_copy_fn(backend) != NULL; }
+int kvc_simd_available(int backend) { return kvc_simd_copy_fn(backend, 0) != NULL; }
 
 int kvc_simd_best(void)
 {
@@ -81,9 +103,10 @@ int kvc_simd_from_name(const char *name)
 
 int kvc_simd_force(int backend)
 {
-    kvc_copy_fn fn = kvc_simd_copy_fn(backend);
+    kvc_copy_fn fn = kvc_simd_copy_fn(backend, 0);
     if (fn == NULL) return -1;
     kvc_simd.copy = fn;
+    kvc_simd.copy_nt = kvc_simd_copy_fn(backend, 1);
     kvc_simd.backend = backend;
     return 0;
 }

@@ -33,6 +33,30 @@ void kvc_copy_avx2(void *dst, const void *src, size_t n)
     kvc_copy_scalar(d + i, s + i, n - i);
 }
 
+__attribute__((target("avx2")))
+void kvc_copy_avx2_nt(void *dst, const void *src, size_t n)
+{
+    if (n * 4 < KVC_NT_MIN_BYTES) {
+        kvc_copy_avx2(dst, src, n);
+        return;
+    }
+    float *d = (float *)dst;
+    const float *s = (const float *)src;
+    size_t head = kvc_head_floats(d, n, 64); /* whole lines only */
+    kvc_copy_avx2(d, s, head);
+    size_t i = head;
+    for (; i + 32 <= n; i += 32) {
+        __m256 a = _mm256_loadu_ps(s + i), b = _mm256_loadu_ps(s + i + 8);
+        __m256 c = _mm256_loadu_ps(s + i + 16), e = _mm256_loadu_ps(s + i + 24);
+        _mm256_stream_ps(d + i, a);
+        _mm256_stream_ps(d + i + 8, b);
+        _mm256_stream_ps(d + i + 16, c);
+        _mm256_stream_ps(d + i + 24, e);
+    }
+    _mm_sfence();
+    kvc_copy_avx2(d + i, s + i, n - i);
+}
+
 __attribute__((target("avx512f")))
 void kvc_copy_avx512(void *dst, const void *src, size_t n)
 {
@@ -58,5 +82,31 @@ void kvc_copy_avx512(void *dst, const void *src, size_t n)
         __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
         _mm512_mask_storeu_ps(d + i, m, _mm512_maskz_loadu_ps(m, s + i));
     }
+}
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+__attribute__((target("avx512f")))
+void kvc_copy_avx512_nt(void *dst, const void *src, size_t n)
+{
+    if (n * 4 < KVC_NT_MIN_BYTES) {
+        kvc_copy_avx512(dst, src, n);
+        return;
+    }
+    float *d = (float *)dst;
+    const float *s = (const float *)src;
+    size_t head = kvc_head_floats(d, n, 64); /* whole lines only */
+    kvc_copy_avx512(d, s, head);
+    size_t i = head;
+    for (; i + 64 <= n; i += 64) {
+        __m512 a = _mm512_loadu_ps(s + i), b = _mm512_loadu_ps(s + i + 16);
+        __m512 c = _mm512_loadu_ps(s + i + 32), e = _mm512_loadu_ps(s + i + 48);
+        _mm512_stream_ps(d + i, a);
+        _mm512_stream_ps(d + i + 16, b);
+        _mm512_stream_ps(d + i + 32, c);
+        _mm512_stream_ps(d + i + 48, e);
+    }
+    _mm_sfence();
+    kvc_copy_avx512(d + i, s + i, n - i);
 }
 #endif

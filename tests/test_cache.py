@@ -230,7 +230,7 @@ def test_overflow_raises_cache_full_and_keeps_data():
         assert c.layer_len(0) == 8
         # store_layers is all or nothing: layer 0 is full, so layers 1 and 2 get nothing either.
         before = snapshot(c)
-        with pytest.raises(kvcache.CacheFullError, match="a layer holds"):
+        with pytest.raises(kvcache.CacheFullError, match="layer 0 holds 8 positions; 1 more"):
             c.store_layers(rows(1, layers=L), rows(1, layers=L))
         assert_same(snapshot(c), before)
         assert c.stats()["tokens_stored"] == 8

@@ -77,6 +77,7 @@ def test_every_method_raises_after_close():
         "stats": lambda: c.stats(),
         "nbytes": lambda: c.nbytes,
         "enter": lambda: c.__enter__(),
+        "threads": lambda: c.threads,
     }
     for name, call in calls.items():
         with pytest.raises(kvcache.CacheClosedError, match="closed"):

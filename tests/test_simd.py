@@ -32,20 +32,22 @@ def test_x86_has_its_baseline():
         assert "neon" in kvcache.available_backends()
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["plain", "streaming"])
 @pytest.mark.parametrize("backend", kvcache.available_backends())
-def test_each_path_matches_scalar(backend):
+def test_each_path_matches_scalar(backend, streaming):
     # The full grid (0..4099 floats x every misalignment) runs in tests/c;
     # this checks the same functions as the extension module links them.
     rng = np.random.default_rng(1)
-    src_buf = rng.integers(0, 2**32, 700, dtype=np.uint32).view(np.float32)  # NaN payloads too
-    for n in list(range(0, 70)) + [127, 128, 129, 255, 256, 257, 511, 600]:
+    src_buf = rng.integers(0, 2**32, 1300, dtype=np.uint32).view(np.float32)  # NaN payloads too
+    # streaming stores start at KVC_NT_MIN_BYTES (2048 bytes = 512 floats)
+    for n in list(range(0, 70)) + [127, 128, 129, 255, 256, 257, 511, 512, 513, 600, 1023, 1250]:
         for so in range(0, 16, 3):
             for do in range(0, 16, 5):
                 want = np.full(n + 40, 7, np.float32)
                 got = want.copy()
                 src = src_buf[so:so + n]
                 _simd.copy_with("scalar", want[do:do + n], src)
-                _simd.copy_with(backend, got[do:do + n], src)
+                _simd.copy_with(backend, got[do:do + n], src, streaming)
                 assert want.view(np.uint32).tobytes() == got.view(np.uint32).tobytes()
                 assert want[do:do + n].view(np.uint32).tobytes() == src.view(np.uint32).tobytes()
 

@@ -17,9 +17,10 @@
 #define GUARD 32
 #define CANARY 0xA5A5A5A5u
 
-static int check_backend(int backend, const uint32_t *src_base, uint32_t *want, uint32_t *got)
+static int check_backend(int backend, int streaming, const uint32_t *src_base, uint32_t *want,
+                         uint32_t *got)
 {
-    kvc_copy_fn fn = kvc_simd_copy_fn(backend);
+    kvc_copy_fn fn = kvc_simd_copy_fn(backend, streaming);
     long failures = 0, copies = 0;
     for (size_t n = 0; n <= KVC_TEST_MAX_N; n++) {
         for (size_t so = 0; so < MAX_OFF; so++) {
@@ -32,13 +33,14 @@ static int check_backend(int backend, const uint32_t *src_base, uint32_t *want, 
                 if (memcmp(want, got, (n + 2 * GUARD + MAX_OFF) * 4) != 0 ||
                     memcmp(want + GUARD + doff, src, n * 4) != 0) {
                     if (failures++ < 5)
-                        fprintf(stderr, "FAIL %s n=%zu src_off=%zu dst_off=%zu\n",
-                                kvc_simd_name(backend), n, so, doff);
+                        fprintf(stderr, "FAIL %s%s n=%zu src_off=%zu dst_off=%zu\n",
+                                kvc_simd_name(backend), streaming ? "_nt" : "", n, so, doff);
                 }
             }
         }
     }
-    printf("%-7s %ld copies, %ld failures\n", kvc_simd_name(backend), copies, failures);
+    printf("%-10s %ld copies, %ld failures\n", streaming ? "(nt)" : kvc_simd_name(backend),
+           copies, failures);
     return failures != 0;
 }
 
@@ -58,7 +60,9 @@ int main(int argc, char **argv)
             printf("%-7s not available on this CPU/build\n", kvc_simd_name(b));
             continue;
         }
-        rc |= check_backend(b, src, want, got);
+        rc |= check_backend(b, 0, src, want, got);
+        if (kvc_simd_copy_fn(b, 1) != kvc_simd_copy_fn(b, 0)) /* else an alias */
+            rc |= check_backend(b, 1, src, want, got);
         tested++;
     }
     /* The auto choice must be one of the available paths and usable. */
