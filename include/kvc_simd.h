@@ -1,4 +1,5 @@
-/* kvc_simd.h - the one SIMD switch of kvcache, and every copy it makes.
+/* kvc_simd.h - the one SIMD switch of kvcache: every copy it makes, its
+ * checksum and its column sums.
  *
  * KVC_VECTOR selects the compile-time copy path (like xxHash's XXH_VECTOR):
  *
@@ -22,6 +23,19 @@
  * much later.  Copies out to a caller's buffer use the plain copy, since the
  * caller reads them at once.  It ends with a store fence, so the data is
  * visible to other threads once the layer lock is released.
+ *
+ * kvc_crc32c_<variant>(crc, buf, n) is CRC32C (Castagnoli, as iSCSI and ext4
+ * use it): crc is the previous result, 0 to start, so that feeding a buffer in
+ * pieces gives the CRC of the whole.  Variants: the byte table (scalar, also
+ * used by the sse2 path), SSE4.2 (src/kvc_simd_x86.c, with the AVX2 and
+ * AVX-512 paths) and the AArch64 CRC32 instructions (with NEON, when the CPU
+ * has them).
+ *
+ * kvc_add_rows_<isa>(acc, rows, n_rows, n_cols, row_stride) adds rows
+ * r = 0, 1, ... n_rows-1 (each n_cols floats, row_stride floats apart) into
+ * acc, in that order for every column: vertical adds only, never reassociated,
+ * so every path gives the scalar result to the bit.  acc and rows are aligned
+ * to 4 bytes and do not overlap.
  */
 #ifndef KVC_SIMD_H
 #define KVC_SIMD_H
@@ -60,6 +74,9 @@ extern "C" {
 #endif
 
 typedef void (*kvc_copy_fn)(void *dst, const void *src, size_t n);
+typedef uint32_t (*kvc_crc32c_fn)(uint32_t crc, const void *buf, size_t n);
+typedef void (*kvc_add_rows_fn)(float *acc, const float *rows, size_t n_rows, size_t n_cols,
+                                size_t row_stride);
 
 /* Below this, streaming stores lose: partly filled write-combining buffers
  * and a fence cost more than the read-for-ownership they save. */
@@ -67,33 +84,98 @@ typedef void (*kvc_copy_fn)(void *dst, const void *src, size_t n);
 #define KVC_NT_MIN_BYTES 2048
 #endif
 
-/* The scalar oracle: one 4-byte element per iteration.  Vectorisation and
+/* The scalar oracles run one element per iteration: vectorisation and
  * memcpy idiom recognition are turned off so that "scalar" means scalar when
  * a benchmark compares it with the SIMD paths. */
 #if defined(__clang__)
-static inline void kvc_copy_scalar(void *dst, const void *src, size_t n)
-{
-    uint32_t *d = (uint32_t *)dst;
-    const uint32_t *s = (const uint32_t *)src;
-#pragma clang loop vectorize(disable) interleave(disable)
-    for (size_t i = 0; i < n; i++) d[i] = s[i];
-}
+#  define KVC_SCALAR_FN
+#  define KVC_SCALAR_LOOP _Pragma("clang loop vectorize(disable) interleave(disable)")
 #elif defined(__GNUC__)
-__attribute__((optimize("no-tree-vectorize", "no-tree-loop-distribute-patterns")))
-static inline void kvc_copy_scalar(void *dst, const void *src, size_t n)
-{
-    uint32_t *d = (uint32_t *)dst;
-    const uint32_t *s = (const uint32_t *)src;
-    for (size_t i = 0; i < n; i++) d[i] = s[i];
-}
+#  define KVC_SCALAR_FN \
+    __attribute__((optimize("no-tree-vectorize", "no-tree-loop-distribute-patterns")))
+#  define KVC_SCALAR_LOOP
 #else
+#  define KVC_SCALAR_FN
+#  define KVC_SCALAR_LOOP
+#endif
+
+KVC_SCALAR_FN
 static inline void kvc_copy_scalar(void *dst, const void *src, size_t n)
 {
     uint32_t *d = (uint32_t *)dst;
     const uint32_t *s = (const uint32_t *)src;
+    KVC_SCALAR_LOOP
     for (size_t i = 0; i < n; i++) d[i] = s[i];
 }
-#endif
+
+KVC_SCALAR_FN
+static inline void kvc_add_rows_scalar(float *acc, const float *rows, size_t n_rows,
+                                       size_t n_cols, size_t row_stride)
+{
+    for (size_t r = 0; r < n_rows; r++) {
+        const float *row = rows + r * row_stride;
+        KVC_SCALAR_LOOP
+        for (size_t c = 0; c < n_cols; c++) acc[c] += row[c];
+    }
+}
+
+/* CRC32C one byte at a time, reflected polynomial 0x82F63B78: the reference
+ * the hardware paths are tested against.  kvc_crc32c_table[b] is the CRC
+ * register after byte b from a zero register (no inversions). */
+static const uint32_t kvc_crc32c_table[256] = {
+    0x00000000, 0xf26b8303, 0xe13b70f7, 0x1350f3f4, 0xc79a971f, 0x35f1141c,
+    0x26a1e7e8, 0xd4ca64eb, 0x8ad958cf, 0x78b2dbcc, 0x6be22838, 0x9989ab3b,
+    0x4d43cfd0, 0xbf284cd3, 0xac78bf27, 0x5e133c24, 0x105ec76f, 0xe235446c,
+    0xf165b798, 0x030e349b, 0xd7c45070, 0x25afd373, 0x36ff2087, 0xc494a384,
+    0x9a879fa0, 0x68ec1ca3, 0x7bbcef57, 0x89d76c54, 0x5d1d08bf, 0xaf768bbc,
+    0xbc267848, 0x4e4dfb4b, 0x20bd8ede, 0xd2d60ddd, 0xc186fe29, 0x33ed7d2a,
+    0xe72719c1, 0x154c9ac2, 0x061c6936, 0xf477ea35, 0xaa64d611, 0x580f5512,
+    0x4b5fa6e6, 0xb93425e5, 0x6dfe410e, 0x9f95c20d, 0x8cc531f9, 0x7eaeb2fa,
+    0x30e349b1, 0xc288cab2, 0xd1d83946, 0x23b3ba45, 0xf779deae, 0x05125dad,
+    0x1642ae59, 0xe4292d5a, 0xba3a117e, 0x4851927d, 0x5b016189, 0xa96ae28a,
+    0x7da08661, 0x8fcb0562, 0x9c9bf696, 0x6ef07595, 0x417b1dbc, 0xb3109ebf,
+    0xa0406d4b, 0x522bee48, 0x86e18aa3, 0x748a09a0, 0x67dafa54, 0x95b17957,
+    0xcba24573, 0x39c9c670, 0x2a993584, 0xd8f2b687, 0x0c38d26c, 0xfe53516f,
+    0xed03a29b, 0x1f682198, 0x5125dad3, 0xa34e59d0, 0xb01eaa24, 0x42752927,
+    0x96bf4dcc, 0x64d4cecf, 0x77843d3b, 0x85efbe38, 0xdbfc821c, 0x2997011f,
+    0x3ac7f2eb, 0xc8ac71e8, 0x1c661503, 0xee0d9600, 0xfd5d65f4, 0x0f36e6f7,
+    0x61c69362, 0x93ad1061, 0x80fde395, 0x72966096, 0xa65c047d, 0x5437877e,
+    0x4767748a, 0xb50cf789, 0xeb1fcbad, 0x197448ae, 0x0a24bb5a, 0xf84f3859,
+    0x2c855cb2, 0xdeeedfb1, 0xcdbe2c45, 0x3fd5af46, 0x7198540d, 0x83f3d70e,
+    0x90a324fa, 0x62c8a7f9, 0xb602c312, 0x44694011, 0x5739b3e5, 0xa55230e6,
+    0xfb410cc2, 0x092a8fc1, 0x1a7a7c35, 0xe811ff36, 0x3cdb9bdd, 0xceb018de,
+    0xdde0eb2a, 0x2f8b6829, 0x82f63b78, 0x709db87b, 0x63cd4b8f, 0x91a6c88c,
+    0x456cac67, 0xb7072f64, 0xa457dc90, 0x563c5f93, 0x082f63b7, 0xfa44e0b4,
+    0xe9141340, 0x1b7f9043, 0xcfb5f4a8, 0x3dde77ab, 0x2e8e845f, 0xdce5075c,
+    0x92a8fc17, 0x60c37f14, 0x73938ce0, 0x81f80fe3, 0x55326b08, 0xa759e80b,
+    0xb4091bff, 0x466298fc, 0x1871a4d8, 0xea1a27db, 0xf94ad42f, 0x0b21572c,
+    0xdfeb33c7, 0x2d80b0c4, 0x3ed04330, 0xccbbc033, 0xa24bb5a6, 0x502036a5,
+    0x4370c551, 0xb11b4652, 0x65d122b9, 0x97baa1ba, 0x84ea524e, 0x7681d14d,
+    0x2892ed69, 0xdaf96e6a, 0xc9a99d9e, 0x3bc21e9d, 0xef087a76, 0x1d63f975,
+    0x0e330a81, 0xfc588982, 0xb21572c9, 0x407ef1ca, 0x532e023e, 0xa145813d,
+    0x758fe5d6, 0x87e466d5, 0x94b49521, 0x66df1622, 0x38cc2a06, 0xcaa7a905,
+    0xd9f75af1, 0x2b9cd9f2, 0xff56bd19, 0x0d3d3e1a, 0x1e6dcdee, 0xec064eed,
+    0xc38d26c4, 0x31e6a5c7, 0x22b65633, 0xd0ddd530, 0x0417b1db, 0xf67c32d8,
+    0xe52cc12c, 0x1747422f, 0x49547e0b, 0xbb3ffd08, 0xa86f0efc, 0x5a048dff,
+    0x8ecee914, 0x7ca56a17, 0x6ff599e3, 0x9d9e1ae0, 0xd3d3e1ab, 0x21b862a8,
+    0x32e8915c, 0xc083125f, 0x144976b4, 0xe622f5b7, 0xf5720643, 0x07198540,
+    0x590ab964, 0xab613a67, 0xb831c993, 0x4a5a4a90, 0x9e902e7b, 0x6cfbad78,
+    0x7fab5e8c, 0x8dc0dd8f, 0xe330a81a, 0x115b2b19, 0x020bd8ed, 0xf0605bee,
+    0x24aa3f05, 0xd6c1bc06, 0xc5914ff2, 0x37faccf1, 0x69e9f0d5, 0x9b8273d6,
+    0x88d28022, 0x7ab90321, 0xae7367ca, 0x5c18e4c9, 0x4f48173d, 0xbd23943e,
+    0xf36e6f75, 0x0105ec76, 0x12551f82, 0xe03e9c81, 0x34f4f86a, 0xc69f7b69,
+    0xd5cf889d, 0x27a40b9e, 0x79b737ba, 0x8bdcb4b9, 0x988c474d, 0x6ae7c44e,
+    0xbe2da0a5, 0x4c4623a6, 0x5f16d052, 0xad7d5351,
+};
+
+static inline uint32_t kvc_crc32c_scalar(uint32_t crc, const void *buf, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)buf;
+    crc = ~crc;
+    for (size_t i = 0; i < n; i++)
+        crc = kvc_crc32c_table[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
 
 /* Floats to copy before dst reaches a `width`-byte boundary (capped at n).
  * Aligning the destination keeps every vector store inside one cache line. */
@@ -102,6 +184,16 @@ static inline size_t kvc_head_floats(const void *dst, size_t n, size_t width)
     size_t mis = (size_t)((uintptr_t)dst & (width - 1));
     size_t head = mis ? (width - mis) / 4 : 0;
     return head < n ? head : n;
+}
+
+/* The vector add_rows take up to this many rows per pass over acc: enough to
+ * amortise loading and storing acc, few enough for the rows to stream in from
+ * memory side by side. */
+#define KVC_ROWS_PER_PASS 8
+
+static inline size_t kvc_rows_this_pass(size_t rows_left)
+{
+    return rows_left < KVC_ROWS_PER_PASS ? rows_left : KVC_ROWS_PER_PASS;
 }
 
 #if KVC_VECTOR == KVC_SSE2
@@ -149,6 +241,22 @@ static inline void kvc_copy_sse2_nt(void *dst, const void *src, size_t n)
     _mm_sfence();
     kvc_copy_sse2(d + i, s + i, n - i);
 }
+
+static inline void kvc_add_rows_sse2(float *acc, const float *rows, size_t n_rows,
+                                     size_t n_cols, size_t row_stride)
+{
+    for (size_t r = 0; r < n_rows; r += KVC_ROWS_PER_PASS) {
+        const float *p = rows + r * row_stride;
+        size_t k = kvc_rows_this_pass(n_rows - r), c = 0;
+        for (; c + 4 <= n_cols; c += 4) {
+            __m128 a = _mm_loadu_ps(acc + c);
+            for (size_t g = 0; g < k; g++)
+                a = _mm_add_ps(a, _mm_loadu_ps(p + g * row_stride + c));
+            _mm_storeu_ps(acc + c, a);
+        }
+        kvc_add_rows_scalar(acc + c, p + c, k, n_cols - c, row_stride);
+    }
+}
 #endif
 
 #if KVC_VECTOR == KVC_NEON
@@ -168,6 +276,44 @@ static inline void kvc_copy_neon(void *dst, const void *src, size_t n)
     for (; i + 4 <= n; i += 4) vst1q_f32(d + i, vld1q_f32(s + i));
     kvc_copy_scalar(d + i, s + i, n - i);
 }
+
+static inline void kvc_add_rows_neon(float *acc, const float *rows, size_t n_rows,
+                                     size_t n_cols, size_t row_stride)
+{
+    for (size_t r = 0; r < n_rows; r += KVC_ROWS_PER_PASS) {
+        const float *p = rows + r * row_stride;
+        size_t k = kvc_rows_this_pass(n_rows - r), c = 0;
+        for (; c + 4 <= n_cols; c += 4) {
+            float32x4_t a = vld1q_f32(acc + c);
+            for (size_t g = 0; g < k; g++)
+                a = vaddq_f32(a, vld1q_f32(p + g * row_stride + c));
+            vst1q_f32(acc + c, a);
+        }
+        kvc_add_rows_scalar(acc + c, p + c, k, n_cols - c, row_stride);
+    }
+}
+
+/* The CRC32 instructions are optional in ARMv8.0: this function carries its
+ * own target, and kvc_dispatch.c offers it only when the CPU has them.  Its
+ * 8-byte loads take the bytes in little-endian order, as the CRC needs. */
+#if defined(__GNUC__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#  include <arm_acle.h>
+#  define KVC_ARM_CRC32C 1
+
+__attribute__((target("+crc")))
+static inline uint32_t kvc_crc32c_arm(uint32_t crc, const void *buf, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)buf;
+    crc = ~crc;
+    for (; n >= 8; n -= 8, p += 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        crc = __crc32cd(crc, v);
+    }
+    for (; n; n--) crc = __crc32cb(crc, *p++);
+    return ~crc;
+}
+#endif
 #endif
 
 /* Paths with no streaming store of their own reuse the plain copy. */
@@ -177,8 +323,10 @@ static inline void kvc_copy_neon(void *dst, const void *src, size_t n)
 /* Run-time selection (src/kvc_dispatch.c).  The table is filled once, at the
  * first call of kvc_simd_init(); kvc_simd_force() may change it later. */
 typedef struct kvc_simd_ops {
-    kvc_copy_fn copy;     /* out of the cache: plain stores */
-    kvc_copy_fn copy_nt;  /* into the cache: streaming stores when large */
+    kvc_copy_fn copy;         /* out of the cache: plain stores */
+    kvc_copy_fn copy_nt;      /* into the cache: streaming stores when large */
+    kvc_crc32c_fn crc32c;     /* the path's CRC32C instructions, else the table */
+    kvc_add_rows_fn add_rows;
     int backend;
 } kvc_simd_ops;
 
@@ -193,12 +341,19 @@ int kvc_simd_best(void);                   /* what "auto" picks */
 const char *kvc_simd_name(int backend);
 int kvc_simd_from_name(const char *name);  /* -1 if unknown; "auto" -> best */
 kvc_copy_fn kvc_simd_copy_fn(int backend, int streaming); /* NULL if unavailable */
+kvc_crc32c_fn kvc_simd_crc32c_fn(int backend);            /* NULL if unavailable */
+kvc_add_rows_fn kvc_simd_add_rows_fn(int backend);        /* NULL if unavailable */
 
 #if defined(__x86_64__) || defined(_M_X64)
 void kvc_copy_avx2(void *dst, const void *src, size_t n);
 void kvc_copy_avx2_nt(void *dst, const void *src, size_t n);
 void kvc_copy_avx512(void *dst, const void *src, size_t n);
 void kvc_copy_avx512_nt(void *dst, const void *src, size_t n);
+void kvc_add_rows_avx2(float *acc, const float *rows, size_t n_rows, size_t n_cols,
+                       size_t row_stride);
+void kvc_add_rows_avx512(float *acc, const float *rows, size_t n_rows, size_t n_cols,
+                         size_t row_stride);
+uint32_t kvc_crc32c_sse42(uint32_t crc, const void *buf, size_t n);
 #endif
 
 #ifdef __cplusplus

@@ -5,10 +5,16 @@ from libc.stdint cimport uint64_t, int64_t
 cdef extern from "kvc_simd.h" nogil:
     int KVC_NT_MIN_BYTES
     int KVC_SCALAR, KVC_SSE2, KVC_AVX2, KVC_AVX512, KVC_NEON, KVC_N_BACKENDS, KVC_VECTOR
+    ctypedef unsigned int uint32_t  # <stdint.h>'s, which kvc_simd.h includes
     ctypedef void (*kvc_copy_fn)(void *dst, const void *src, size_t n)
+    ctypedef uint32_t (*kvc_crc32c_fn)(uint32_t crc, const void *buf, size_t n)
+    ctypedef void (*kvc_add_rows_fn)(float *acc, const float *rows, size_t n_rows, size_t n_cols,
+                                     size_t row_stride)
     ctypedef struct kvc_simd_ops:
         kvc_copy_fn copy
         kvc_copy_fn copy_nt
+        kvc_crc32c_fn crc32c
+        kvc_add_rows_fn add_rows
         int backend
     kvc_simd_ops kvc_simd
     int kvc_simd_init()
@@ -18,6 +24,8 @@ cdef extern from "kvc_simd.h" nogil:
     const char *kvc_simd_name(int backend)
     int kvc_simd_from_name(const char *name)
     kvc_copy_fn kvc_simd_copy_fn(int backend, int streaming)
+    kvc_crc32c_fn kvc_simd_crc32c_fn(int backend)
+    kvc_add_rows_fn kvc_simd_add_rows_fn(int backend)
 
 cdef extern from "kvc_alloc.h" nogil:
     void *kvc_alloc(size_t size, size_t align)

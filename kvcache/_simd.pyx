@@ -1,10 +1,13 @@
-"""Which SIMD copy path is in use, and forcing one (``KVCACHE_SIMD``)."""
+"""Which SIMD path is in use, forcing one (``KVCACHE_SIMD``), and its kernels' test hooks."""
 import os
 
 cimport numpy as cnp
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from libc.stdint cimport uint32_t, uintptr_t
 from kvcache._ckvc cimport (
     KVC_N_BACKENDS, kvc_simd, kvc_simd_init, kvc_simd_force, kvc_simd_available,
     kvc_simd_best, kvc_simd_name, kvc_simd_from_name, kvc_simd_copy_fn, kvc_copy_fn,
+    kvc_simd_crc32c_fn, kvc_crc32c_fn, kvc_simd_add_rows_fn, kvc_add_rows_fn,
 )
 
 cnp.import_array()
@@ -66,6 +69,69 @@ def copy_with(str name, dst, src, bint streaming=False):
     if d.shape[0]:
         with nogil:
             fn(&d[0], &s[0], <size_t>d.shape[0])
+
+
+cdef _crc32c(kvc_crc32c_fn fn, data, uint32_t crc):
+    cdef Py_buffer view
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        with nogil:
+            crc = fn(crc, view.buf, <size_t>view.len)
+    finally:
+        PyBuffer_Release(&view)
+    return crc
+
+
+def crc32c(data, uint32_t crc=0):
+    """Return the CRC32C (Castagnoli) of ``data`` with the path in use.
+
+    ``data`` is any C-contiguous buffer (bytes, bytearray, memoryview, numpy
+    array...), read as its raw bytes.  ``crc`` is the result for the data
+    before it, 0 to start: ``crc32c(b, crc32c(a)) == crc32c(a + b)``.
+    """
+    return _crc32c(kvc_simd.crc32c, data, crc)
+
+
+def crc32c_with(str name, data, uint32_t crc=0):
+    """:func:`crc32c` with one path (its hardware CRC, or the table).
+
+    Test hook: lets the suite compare every path with the scalar oracle.
+    """
+    return _crc32c(kvc_simd_crc32c_fn(_backend_id(name)), data, crc)
+
+
+def add_rows_with(str name, acc, rows):
+    """Add each row of ``rows`` into ``acc``, in row order, with one path.
+
+    ``acc`` is float32, 1-D and C-contiguous; ``rows`` is float32, 2-D, with
+    contiguous rows of ``acc.shape[0]`` floats at any row stride of at least
+    a row.  Test hook: every path must give the scalar result to the bit.
+
+    Raises
+    ------
+    ValueError
+        On another dtype, shape or layout, or if ``acc`` overlaps ``rows``.
+    """
+    cdef kvc_add_rows_fn fn = kvc_simd_add_rows_fn(_backend_id(name))
+    cdef float[::1] a = acc
+    cdef const float[:, :] r = rows
+    cdef Py_ssize_t n_rows = r.shape[0], n_cols = r.shape[1]
+    cdef Py_ssize_t stride = r.strides[0] if n_rows > 1 else n_cols * 4
+    if n_cols != a.shape[0]:
+        raise ValueError(f"rows have {n_cols} floats, acc has {a.shape[0]}")
+    if n_rows == 0 or n_cols == 0:
+        return
+    if n_cols > 1 and r.strides[1] != 4:
+        raise ValueError("each row of rows must be contiguous")
+    if stride < n_cols * 4 or stride % 4:
+        raise ValueError(f"rows are {stride} bytes apart: need a whole number of floats, "
+                         f"at least {n_cols}")
+    cdef uintptr_t a0 = <uintptr_t>&a[0], r0 = <uintptr_t>&r[0, 0]
+    cdef uintptr_t r_end = r0 + <uintptr_t>((n_rows - 1) * stride + n_cols * 4)
+    if a0 < r_end and r0 < a0 + <uintptr_t>(n_cols * 4):
+        raise ValueError("acc overlaps rows")
+    with nogil:
+        fn(&a[0], &r[0, 0], <size_t>n_rows, <size_t>n_cols, <size_t>(stride // 4))
 
 
 def _init_from_env():

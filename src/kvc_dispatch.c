@@ -1,7 +1,11 @@
-/* Run-time choice of the copy path: CPU detection once, KVCACHE_SIMD to force. */
+/* Run-time choice of the SIMD path: CPU detection once, KVCACHE_SIMD to force. */
 #include <stdlib.h>
 #include <string.h>
 #include "kvc_simd.h"
+
+#if defined(KVC_ARM_CRC32C) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
 
 /* Wider x86 paths are offered only on top of the SSE2 baseline: a build with
  * -DKVC_VECTOR=0 is scalar and nothing else. */
@@ -36,21 +40,41 @@ static int kvc_x86_has(int backend)
 
 static const char *const kvc_names[KVC_N_BACKENDS] = {"scalar", "sse2", "avx2", "avx512", "neon"};
 
-kvc_simd_ops kvc_simd = {kvc_copy_scalar, kvc_copy_scalar_nt, KVC_SCALAR};
+/* What each path runs, where this build has it (the others stay NULL).  A
+ * hardware crc32c is used only if kvc_hw_crc32c() finds the instructions. */
+static const struct {
+    kvc_copy_fn copy, copy_nt;
+    kvc_crc32c_fn crc32c;
+    kvc_add_rows_fn add_rows;
+} kvc_paths[KVC_N_BACKENDS] = {
+    [KVC_SCALAR] = {kvc_copy_scalar, kvc_copy_scalar_nt, kvc_crc32c_scalar, kvc_add_rows_scalar},
+#if KVC_VECTOR == KVC_SSE2
+    [KVC_SSE2] = {kvc_copy_sse2, kvc_copy_sse2_nt, kvc_crc32c_scalar, kvc_add_rows_sse2},
+#endif
+#if KVC_VECTOR == KVC_NEON
+#  ifdef KVC_ARM_CRC32C
+    [KVC_NEON] = {kvc_copy_neon, kvc_copy_neon_nt, kvc_crc32c_arm, kvc_add_rows_neon},
+#  else
+    [KVC_NEON] = {kvc_copy_neon, kvc_copy_neon_nt, kvc_crc32c_scalar, kvc_add_rows_neon},
+#  endif
+#endif
+#ifdef KVC_X86
+    [KVC_AVX2] = {kvc_copy_avx2, kvc_copy_avx2_nt, kvc_crc32c_sse42, kvc_add_rows_avx2},
+    [KVC_AVX512] = {kvc_copy_avx512, kvc_copy_avx512_nt, kvc_crc32c_sse42, kvc_add_rows_avx512},
+#endif
+};
+
+kvc_simd_ops kvc_simd = {kvc_copy_scalar, kvc_copy_scalar_nt, kvc_crc32c_scalar,
+                         kvc_add_rows_scalar, KVC_SCALAR};
 
 /* CPU features are read once; CPUID is slow under some hypervisors. */
 static int kvc_has_cache[KVC_N_BACKENDS] = {-1, -1, -1, -1, -1};
 
 static int kvc_has(int backend)
 {
+    if (backend < 0 || backend >= KVC_N_BACKENDS || kvc_paths[backend].copy == NULL) return 0;
     if (kvc_has_cache[backend] < 0) {
-        int has = backend == KVC_SCALAR;
-#if KVC_VECTOR == KVC_SSE2
-        has |= backend == KVC_SSE2;
-#endif
-#if KVC_VECTOR == KVC_NEON
-        has |= backend == KVC_NEON;
-#endif
+        int has = 1;
 #ifdef KVC_X86
         if (backend == KVC_AVX2 || backend == KVC_AVX512) has = kvc_x86_has(backend);
 #endif
@@ -59,26 +83,44 @@ static int kvc_has(int backend)
     return kvc_has_cache[backend];
 }
 
-kvc_copy_fn kvc_simd_copy_fn(int backend, int streaming)
+/* The CRC32C instructions: SSE4.2 on x86 (every AVX2 CPU has it, but ask),
+ * the CRC32 extension on AArch64. */
+static int kvc_hw_crc32c(void)
 {
-    if (backend < 0 || backend >= KVC_N_BACKENDS || !kvc_has(backend)) return NULL;
-    switch (backend) {
-    case KVC_SCALAR: return streaming ? kvc_copy_scalar_nt : kvc_copy_scalar;
-#if KVC_VECTOR == KVC_SSE2
-    case KVC_SSE2: return streaming ? kvc_copy_sse2_nt : kvc_copy_sse2;
-#endif
-#if KVC_VECTOR == KVC_NEON
-    case KVC_NEON: return streaming ? kvc_copy_neon_nt : kvc_copy_neon;
-#endif
+    static int cached = -1;
+    if (cached < 0) {
+        int has = 0;
 #ifdef KVC_X86
-    case KVC_AVX2: return streaming ? kvc_copy_avx2_nt : kvc_copy_avx2;
-    case KVC_AVX512: return streaming ? kvc_copy_avx512_nt : kvc_copy_avx512;
+        unsigned int a, b, c, d;
+        has = __get_cpuid(1, &a, &b, &c, &d) && ((c >> 20) & 1);
+#elif defined(KVC_ARM_CRC32C) && defined(__linux__)
+        has = (getauxval(AT_HWCAP) & HWCAP_CRC32) != 0;
+#elif defined(KVC_ARM_CRC32C) && defined(__ARM_FEATURE_CRC32)
+        has = 1;
 #endif
-    default: return NULL;
+        cached = has;
     }
+    return cached;
 }
 
-int kvc_simd_available(int backend) { return kvc_simd_copy_fn(backend, 0) != NULL; }
+kvc_copy_fn kvc_simd_copy_fn(int backend, int streaming)
+{
+    if (!kvc_has(backend)) return NULL;
+    return streaming ? kvc_paths[backend].copy_nt : kvc_paths[backend].copy;
+}
+
+kvc_crc32c_fn kvc_simd_crc32c_fn(int backend)
+{
+    if (!kvc_has(backend)) return NULL;
+    return kvc_hw_crc32c() ? kvc_paths[backend].crc32c : kvc_crc32c_scalar;
+}
+
+kvc_add_rows_fn kvc_simd_add_rows_fn(int backend)
+{
+    return kvc_has(backend) ? kvc_paths[backend].add_rows : NULL;
+}
+
+int kvc_simd_available(int backend) { return kvc_has(backend); }
 
 int kvc_simd_best(void)
 {
@@ -103,10 +145,11 @@ int kvc_simd_from_name(const char *name)
 
 int kvc_simd_force(int backend)
 {
-    kvc_copy_fn fn = kvc_simd_copy_fn(backend, 0);
-    if (fn == NULL) return -1;
-    kvc_simd.copy = fn;
+    if (!kvc_has(backend)) return -1;
+    kvc_simd.copy = kvc_simd_copy_fn(backend, 0);
     kvc_simd.copy_nt = kvc_simd_copy_fn(backend, 1);
+    kvc_simd.crc32c = kvc_simd_crc32c_fn(backend);
+    kvc_simd.add_rows = kvc_simd_add_rows_fn(backend);
     kvc_simd.backend = backend;
     return 0;
 }
