@@ -45,6 +45,8 @@ extensions = [
     ext("_simd", simd_sources),
     ext("_status"),
     ext("_arrays"),
+    ext("_cold"),
+    ext("_policy"),
     ext("_hot", ["src/kvc_pool.c"], extra_link=["-pthread"]),
     ext("_cache"),
 ]

@@ -9,7 +9,9 @@
 from kvcache._cache import TieredKVCache
 from kvcache._simd import available_backends, set_simd_backend, simd_backend
 from kvcache.config import CacheConfig
-from kvcache.errors import CacheClosedError, CacheFullError, CorruptionError, KVCacheError
+from kvcache.errors import (
+    CacheClosedError, CacheFullError, ColdStoreError, CorruptionError, KVCacheError,
+)
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,7 @@ __all__ = [
     "CacheFullError",
     "CacheClosedError",
     "CorruptionError",
+    "ColdStoreError",
     "KVCacheError",
     "simd_backend",
     "available_backends",

@@ -3,18 +3,23 @@
 Validation happens here, with the GIL; the copies happen in kvcache._hot,
 without it.  See README.md, "Thread safety", for the concurrency contract.
 """
+import dataclasses
+import os
+
 import numpy as np
 
 cimport numpy as cnp
 from cpython.number cimport PyIndex_Check
 
 from kvcache._arrays cimport as_array, check_rows
-from kvcache._ckvc cimport KVC_OK, KVC_E_FULL, KVC_E_RANGE
+from kvcache._ckvc cimport KVC_OK, KVC_E_FULL, KVC_E_RANGE, KVC_E_IO, KVC_E_CORRUPT
 from kvcache._hot cimport HotTier
 from kvcache._hot import STAT_NAMES
+from kvcache._cold import ColdStore, INDEX_CONFIG_FIELDS, read_index
+from kvcache._simd cimport simd_ops
 from kvcache._status cimport check_status
 from kvcache.config import CacheConfig, usable_cores
-from kvcache.errors import CacheClosedError
+from kvcache.errors import CacheClosedError, CorruptionError
 
 cnp.import_array()
 
@@ -47,9 +52,11 @@ cdef class TieredKVCache:
     cdef readonly object config
     cdef object __weakref__
     cdef HotTier hot
+    cdef object cold        # ColdStore, or None while every position is in RAM and no view was asked
+    cdef list durable       # persist: per-layer lengths the last index records
     cdef Py_ssize_t n_layers, n_heads, head_dim
 
-    def __init__(self, config=None, **kwargs):
+    def __init__(self, config=None, *, _index=None, **kwargs):
         if config is None:
             config = CacheConfig(**kwargs)
         elif kwargs:
@@ -63,15 +70,101 @@ cdef class TieredKVCache:
         arena = 2 * config.n_layers * config.hot_capacity * config.row_bytes
         if config.prefault:
             _check_fits_in_ram(arena)
-        self.hot = HotTier(config.n_layers, config.hot_capacity, config.n_kv_heads * config.head_dim,
-                           prefault=config.prefault,
+        self.hot = HotTier(config, prefault=config.prefault,
                            threads=config.threads if config.threads is not None else usable_cores())
+        self.durable = [0] * self.n_layers
+        if _index is not None:
+            self._restore(_index)
+        elif config.tiered or config.persist or config.cold_dir is not None:
+            self._cold_store()
+
+    cdef object _cold_store(self):
+        if self.cold is None:
+            store = ColdStore(self.config, existing=False)  # releases the GIL: threads may race here
+            if self.cold is None:
+                self.cold = store
+                self.hot.attach_cold(store)
+            else:
+                store.close()
+        return self.cold
+
+    def _restore(self, index):
+        self.cold = ColdStore(self.config, existing=True)
+        self.hot.attach_cold(self.cold)
+        c = self.config
+        for l, entry in enumerate(index["layers"]):
+            length = entry["length"]
+            sizes = self.cold.file_sizes(l)
+            need = 4096 + length * c.row_bytes
+            for kind in range(2):
+                if sizes[kind] < need:
+                    raise CorruptionError(0, f"cold file holds {sizes[kind]} bytes; the index needs "
+                                             f"{need} for {length} positions", self.cold.path_of(l, kind))
+            status = self.hot.restore(l, length, entry["rows"], entry["crc_k"], entry["crc_v"])
+            if status != KVC_OK:
+                self._raise(status, l)
+            self.durable[l] = length
+
+    @classmethod
+    def open(cls, cold_dir, **overrides):
+        """Reopen a cache persisted in ``cold_dir`` (see ``persist`` and :meth:`flush`).
+
+        Every position flushed before is there, byte-exact; RAM refills lazily
+        as blocks are read or stored.
+
+        Parameters
+        ----------
+        cold_dir : str or os.PathLike
+        **overrides
+            CacheConfig fields to change (``hot_tokens``, ``eviction_policy``,
+            ``threads``, ``max_seq_len``...).  The fields that define the files
+            (``n_layers``, ``n_kv_heads``, ``head_dim``, ``dtype``,
+            ``block_tokens``) may be given only with the stored values.
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``cold_dir`` does not hold a persisted cache.
+        ValueError
+            If an override contradicts the stored files.
+        CorruptionError
+            If the index or a file header is damaged, or a file is shorter
+            than the index says.
+        """
+        index = read_index(cold_dir)
+        stored = index["config"]
+        for name in ("n_layers", "n_kv_heads", "head_dim", "dtype", "block_tokens"):
+            if name in overrides and overrides[name] != stored[name]:
+                raise ValueError(f"TieredKVCache.open: {os.fspath(cold_dir)} holds {name}={stored[name]!r}, "
+                                 f"got {name}={overrides[name]!r}")
+        fields = {f.name for f in dataclasses.fields(CacheConfig)}
+        unknown = set(overrides) - fields
+        if unknown:
+            raise TypeError(f"TieredKVCache.open: unknown config fields {sorted(unknown)}")
+        if len(index["layers"]) != stored["n_layers"]:
+            raise CorruptionError(0, "index lists the wrong number of layers", os.fspath(cold_dir))
+        args = {name: stored[name] for name in INDEX_CONFIG_FIELDS}
+        args.update(overrides)
+        args.update(cold_dir=cold_dir, persist=True)
+        longest = max([entry["length"] for entry in index["layers"]] + [0])
+        if args["max_seq_len"] < longest:
+            raise ValueError(f"TieredKVCache.open: max_seq_len={args['max_seq_len']} is below the "
+                             f"{longest} positions stored")
+        return cls(CacheConfig(**args), _index=index)
 
     # -- lifetime ---------------------------------------------------------
     def close(self):
-        """Free the cache's memory.  Idempotent; waits for stores and gets in flight."""
-        if self.hot is not None:
+        """Free the cache's memory and its scratch files.  Idempotent; waits for
+        stores and gets in flight.  With ``persist=True`` it flushes first."""
+        if self.hot is None or self.hot.closed:
+            return
+        try:
+            if self.config.persist:
+                self.flush()
+        finally:
             self.hot.close()
+            if self.cold is not None:
+                self.cold.close()
 
     @property
     def closed(self):
@@ -108,17 +201,35 @@ cdef class TieredKVCache:
             raise IndexError(f"layer: expected 0 <= layer < {self.n_layers}, got {l}")
         return l
 
+    cdef int _raise(self, int status, Py_ssize_t layer) except -1:
+        """Raise for a failed native call on ``layer`` (-1: any layer)."""
+        if status == KVC_E_IO or status == KVC_E_CORRUPT:
+            for l in ([layer] if layer >= 0 else range(self.n_layers)):
+                err, bad = self.hot.error_detail(l)
+                if status == KVC_E_IO and err or status == KVC_E_CORRUPT and bad >= 0:
+                    break
+            if status == KVC_E_IO:
+                return check_status(status, f"cannot write the cold files of layer {l}: "
+                                            f"{os.strerror(err)} (nothing was stored)", err,
+                                    self.cold.path_of(l, 0))
+            return check_status(status, f"block {bad} (positions {bad * self.config.block_tokens}..) "
+                                        f"of layer {l} failed its CRC32C check", 0,
+                                self.cold.path_of(l, 0) + " / " + self.cold.path_of(l, 1))
+        return check_status(status)
+
     cdef int _raise_store(self, int status, Py_ssize_t layer, Py_ssize_t n) except -1:
         if status == KVC_E_FULL:
             if layer < 0:  # store_layers: name the fullest layer
                 layer = max(range(self.n_layers), key=self.layer_len)
             have = self.layer_len(layer)
-            where = f"layer {layer}"
             c = self.config
-            limit = ("hot_tokens=" if c.hot_capacity < c.max_seq_len else "max_seq_len=") + str(c.hot_capacity)
-            return check_status(status, f"{where} holds {have} positions; {n} more would exceed "
-                                        f"{limit} (nothing was stored)")
-        return check_status(status)
+            if have + n > c.max_seq_len:
+                return check_status(status, f"layer {layer} holds {have} positions; {n} more would "
+                                            f"exceed max_seq_len={c.max_seq_len} (nothing was stored)")
+            return check_status(status, f"storing {n} more positions in layer {layer} could exceed "
+                                        f"max_cold_bytes={c.max_cold_bytes} (the cold tier holds "
+                                        f"{self.hot.stat('cold_bytes_on_disk')} bytes; nothing was stored)")
+        return self._raise(status, layer)
 
     # -- stores -----------------------------------------------------------
     cdef int _store(self, object layer, object keys, object values, bint batch) except -1:
@@ -194,8 +305,12 @@ cdef class TieredKVCache:
             self._raise_store(status, -1, n)
 
     # -- reads ------------------------------------------------------------
-    def get(self, layer, start=0, stop=None, out=None):
+    def get(self, layer, start=0, stop=None, out=None, copy=True):
         """Return one layer's keys and values for positions ``start:stop``.
+
+        Positions come back in order and byte-exact whichever tier holds them.
+        A cold block is checked against its CRC32C the first time it is read
+        after being written (or after a reopen).
 
         Parameters
         ----------
@@ -208,11 +323,25 @@ cdef class TieredKVCache:
             ``(keys_out, values_out)``, each writable float32
             ``[stop - start, n_kv_heads, head_dim]``; filled and returned, and
             nothing is allocated.
+        copy : bool
+            ``False`` returns read-only zero-copy views onto the cold tier's
+            memory-mapped files instead of copies; positions still only in RAM
+            are first written to those files (no fsync).  A view keeps its
+            mapping alive: it stays valid after :meth:`close` and for as long
+            as it is referenced, and shows the stored positions until they are
+            truncated and stored again.
 
         Returns
         -------
         keys, values : numpy.ndarray
             ``[stop - start, n_kv_heads, head_dim]`` float32, in position order.
+
+        Raises
+        ------
+        CorruptionError
+            If a cold block fails its checksum (the message names file and block).
+        ColdStoreError
+            If ``copy=False`` cannot write the files.
         """
         self._check_open()
         cdef Py_ssize_t l = self._layer(layer)
@@ -224,6 +353,11 @@ cdef class TieredKVCache:
         cdef Py_ssize_t n = b - a
         cdef cnp.ndarray ko, vo
         cdef cnp.npy_intp dims[3]
+        cdef int status
+        if not copy:
+            if out is not None:
+                raise ValueError("get: out= and copy=False exclude each other")
+            return self._views(l, a, b)
         if out is None:
             dims[0] = n
             dims[1] = self.n_heads
@@ -234,14 +368,27 @@ cdef class TieredKVCache:
             ko, vo = self._check_out(out, n)
         if n == 0:
             return (ko, vo) if out is None else out
-        cdef int status
         with nogil:
             status = self.hot.read(l, a, b, <char *>cnp.PyArray_DATA(ko), cnp.PyArray_STRIDE(ko, 0),
                                    <char *>cnp.PyArray_DATA(vo), cnp.PyArray_STRIDE(vo, 0))
         if status == KVC_E_RANGE:
             check_status(status, f"get: positions {a}:{b} of layer {l} were truncated meanwhile")
-        check_status(status)
+        self._raise(status, l)
         return (ko, vo) if out is None else out
+
+    cdef tuple _views(self, Py_ssize_t l, Py_ssize_t a, Py_ssize_t b):
+        cold = self._cold_store()
+        cdef int status
+        with nogil:
+            status = self.hot.write_back_range(l, a, b, True)
+        if status == KVC_E_FULL:
+            check_status(status, f"get(copy=False): writing positions {a}:{b} of layer {l} to the "
+                                 f"cold tier would exceed max_cold_bytes={self.config.max_cold_bytes}")
+        if status == KVC_E_RANGE:
+            check_status(status, f"get: positions {a}:{b} of layer {l} were truncated meanwhile")
+        self._raise(status, l)
+        self.hot.account_view(l, a, b)
+        return cold.view(l, 0, a, b), cold.view(l, 1, a, b)
 
     cdef tuple _check_out(self, object out, Py_ssize_t n):
         if not isinstance(out, (tuple, list)) or len(out) != 2:
@@ -289,13 +436,106 @@ cdef class TieredKVCache:
             status = self.hot.truncate(m)
         check_status(status)
 
+        if self.config.persist and m < max(self.durable):
+            self.flush()  # the index must not promise rows that stores will now overwrite
+
     def reset(self):
         """Forget every position (statistics are kept; they count the cache's lifetime)."""
         self.truncate(0)
 
+    def flush(self):
+        """Make every position stored so far durable (``persist=True`` only).
+
+        Writes the blocks still only in RAM to the cold files, fsyncs them,
+        then atomically replaces the index (written to a temporary file,
+        fsync'd, renamed, directory fsync'd).  A crash at any moment leaves
+        either the previous flush or this one.
+
+        Raises
+        ------
+        ValueError
+            If the cache was not created with ``persist=True``.
+        ColdStoreError
+            If the files cannot be written or synced.
+        """
+        self._check_open()
+        if not self.config.persist:
+            raise ValueError("flush: this cache was created with persist=False; nothing is kept")
+        cdef Py_ssize_t l, length
+        cdef int status
+        layers = []
+        for l in range(self.n_layers):
+            length = self._length(l)
+            with nogil:
+                status = self.hot.write_back_range(l, 0, length, False)
+            if status == KVC_E_FULL:
+                check_status(status, f"flush: the cache holds more than max_cold_bytes="
+                                     f"{self.config.max_cold_bytes} bytes")
+            self._raise(status, l)
+            length, blocks = self.hot.block_table(l)
+            # Stores that ran since the write-back are not on disk yet: record
+            # the prefix that is (complete blocks, then the partial one).
+            B = self.config.block_tokens
+            keep = 0
+            for _, rows, _, _ in blocks:
+                keep += rows
+                if rows < B:
+                    break
+            keep = min(keep, length)
+            nb = (keep + B - 1) // B
+            layers.append({"length": keep,
+                           "rows": [min(B, keep - i * B) for i in range(nb)],
+                           "crc_k": [k for _, _, k, _ in blocks[:nb]],
+                           "crc_v": [v for _, _, _, v in blocks[:nb]]})
+        self.cold.fsync()
+        self.cold.write_index(layers)
+        self.durable = [entry["length"] for entry in layers]
+
+    def update_scores(self, layer, attn):
+        """Add attention weights to the "h2o" policy's per-position scores.
+
+        Parameters
+        ----------
+        layer : int
+        attn : array_like
+            float32 ``[n_heads, n_queries, n_positions]`` attention weights
+            (summed over heads and queries, in the SIMD header) or an
+            already reduced ``[n_positions]``; position p of the layer gets
+            column p.  ``n_positions`` may not exceed ``layer_len(layer)``.
+            With another policy it is accepted and has no effect.
+        """
+        self._check_open()
+        cdef Py_ssize_t l = self._layer(layer)
+        a = np.asarray(attn) if not isinstance(attn, np.ndarray) else attn
+        if a.dtype != np.float32:
+            raise TypeError(f"attn: expected dtype float32, got {a.dtype}")
+        if a.ndim not in (1, 3):
+            raise ValueError(f"attn: expected shape [n_heads, n_queries, n_positions] or "
+                             f"[n_positions], got {list(a.shape)}")
+        cdef Py_ssize_t n = a.shape[a.ndim - 1]
+        if n > self._length(l):
+            raise ValueError(f"attn: expected at most {self._length(l)} positions (layer {l} holds "
+                             f"that many), got {n}")
+        if a.ndim == 3 and a.shape[0] * a.shape[1] == 0 or n == 0:
+            return
+        rows = np.ascontiguousarray(a.reshape(-1, n))
+        cdef float[::1] acc = np.zeros(n, np.float32)
+        cdef const float[:, ::1] r = rows
+        cdef int status
+        with nogil:
+            simd_ops().add_rows(&acc[0], &r[0, 0], <size_t>r.shape[0], <size_t>n, <size_t>n)
+            status = self.hot.add_scores(l, &acc[0], n)
+        if status == KVC_E_RANGE:
+            check_status(status, f"update_scores: layer {l} was truncated meanwhile")
+        check_status(status)
+
     def _hot_tier(self):
         """Test hook: the HotTier behind this cache."""
         return self.hot
+
+    def _cold_dir(self):
+        """Test hook: the cold tier's directory, or None while there is none."""
+        return None if self.cold is None else self.cold.path
 
     # -- accounting -------------------------------------------------------
     def stats(self):
@@ -304,9 +544,13 @@ cdef class TieredKVCache:
         ``tokens_stored`` / ``tokens_read`` count token rows summed over layers
         (a ``store_layers`` of T tokens adds ``n_layers * T``); ``bytes_*``
         count key and value bytes; ``hot_hits`` / ``cold_hits`` split the rows
-        read by the tier that served them; ``evictions`` counts rows moved to
-        the cold tier.  Each counter is exact; a snapshot taken while other
-        threads store is not a single instant.
+        read by the tier that served them; ``evictions`` / ``promotions``
+        count rows moved out of / back into RAM (``eviction_blocks`` /
+        ``promotion_blocks`` the blocks); ``bytes_to_cold`` /
+        ``bytes_from_cold`` the token bytes written to / copied out of the
+        cold files; ``cold_bytes_on_disk`` the token bytes the cold files hold
+        for stored positions.  Each counter is exact; a snapshot taken while
+        other threads store is not a single instant.
         """
         self._check_open()
         return {name: self.hot.stat(name) for name in STAT_NAMES}

@@ -43,12 +43,21 @@ cdef extern from "kvc_stats.h" nogil:
         KVC_STAT_HOT_HITS
         KVC_STAT_COLD_HITS
         KVC_STAT_EVICTIONS
+        KVC_STAT_EVICTION_BLOCKS
+        KVC_STAT_PROMOTIONS
+        KVC_STAT_PROMOTION_BLOCKS
+        KVC_STAT_BYTES_TO_COLD
+        KVC_STAT_BYTES_FROM_COLD
+        KVC_STAT_COLD_BYTES
+        KVC_STAT_ROWS_HELD
         KVC_N_STATS
     ctypedef struct kvc_stats:
         pass
     kvc_stats *kvc_stats_new()
     void kvc_stats_free(kvc_stats *s)
     void kvc_stats_add(kvc_stats *s, int which, uint64_t n)
+    void kvc_stats_sub(kvc_stats *s, int which, uint64_t n)
+    int kvc_stats_reserve(kvc_stats *s, int which, uint64_t n, uint64_t limit)
     uint64_t kvc_stats_get(const kvc_stats *s, int which)
 
 cdef extern from "kvc_lock.h" nogil:
@@ -67,6 +76,8 @@ cdef extern from "kvc_status.h" nogil:
         KVC_E_CLOSED
         KVC_E_RANGE
         KVC_E_INVALID
+        KVC_E_IO
+        KVC_E_CORRUPT
 
 cdef extern from "kvc_pool.h" nogil:
     int KVC_POOL_MAX_WORKERS

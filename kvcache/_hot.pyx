@@ -1,23 +1,41 @@
-"""The hot tier: per-layer key/value arenas in RAM, filled without the GIL.
+"""The hot tier: per-layer key/value arenas in RAM, and the moves to and from the cold tier.
 
-Every layer owns two 64-byte aligned arenas (keys, values) of ``capacity``
-rows; a row is one token of one layer (``n_kv_heads * head_dim`` floats).
+Each layer's positions are cut into blocks of ``block_tokens``.  The RAM
+arenas of a layer hold ``n_slots`` blocks; a block table says, per block,
+which slot holds it (or none) and how many of its rows the cold files hold,
+with their CRC32C.  When every position fits in RAM (``tiered`` false),
+block b lives in slot b for good and nothing ever goes cold.  Otherwise a
+store that needs a slot takes a free one or evicts the policy's victim:
+one block of writes, only when a new block starts (amortised over
+``block_tokens`` positions).
+
 All state of a layer is guarded by that layer's mutex; the GIL is never held
-while a lock is taken or a byte is copied.  Methods return ``kvc_status``
-codes; ``kvcache._status.check_status`` turns them into exceptions.
+while a lock is taken, a byte is copied or a file is written.  Methods
+return ``kvc_status`` codes; ``kvcache._status.check_status`` turns them
+into exceptions.
 """
+from libc.stdint cimport int32_t, uint32_t, uint64_t, UINT64_MAX
+from libc.stdlib cimport calloc, free
+from libc.string cimport memset
+from cpython.pyport cimport PY_SSIZE_T_MAX
+
 from kvcache._ckvc cimport (
-    KVC_OK, KVC_E_NOMEM, KVC_E_FULL, KVC_E_CLOSED, KVC_E_RANGE,
+    KVC_OK, KVC_E_NOMEM, KVC_E_FULL, KVC_E_CLOSED, KVC_E_RANGE, KVC_E_INVALID, KVC_E_IO,
+    KVC_E_CORRUPT,
     KVC_STAT_TOKENS_STORED, KVC_STAT_BYTES_STORED, KVC_STAT_TOKENS_READ,
     KVC_STAT_BYTES_READ, KVC_STAT_HOT_HITS, KVC_STAT_COLD_HITS, KVC_STAT_EVICTIONS,
-    kvc_copy_fn, kvc_task_fn, kvc_pool_run, kvc_alloc, kvc_free, kvc_prefault, kvc_alloc_live_bytes, kvc_alloc_live_blocks,
-    kvc_stats_new, kvc_stats_free, kvc_stats_add, kvc_stats_get,
-    kvc_lock_init, kvc_lock_destroy, kvc_lock_acquire, kvc_lock_release,
+    KVC_STAT_EVICTION_BLOCKS, KVC_STAT_PROMOTIONS, KVC_STAT_PROMOTION_BLOCKS,
+    KVC_STAT_BYTES_TO_COLD, KVC_STAT_BYTES_FROM_COLD, KVC_STAT_COLD_BYTES, KVC_STAT_ROWS_HELD,
+    kvc_copy_fn, kvc_task_fn, kvc_pool_run, kvc_alloc, kvc_free, kvc_prefault, kvc_alloc_live_bytes,
+    kvc_alloc_live_blocks, kvc_stats_new, kvc_stats_free, kvc_stats_add, kvc_stats_sub,
+    kvc_stats_reserve, kvc_stats_get, kvc_lock_init, kvc_lock_destroy, kvc_lock_acquire,
+    kvc_lock_release,
 )
+from kvcache._cold cimport HEADER_BYTES, ColdFiles, layer_files, write_all
+from kvcache._policy cimport POLICY_H2O, Block, Policy, block_score, choose_slot
+from kvcache._policy import POLICIES
 from kvcache._simd cimport simd_ops
 from kvcache._status cimport check_status
-from cpython.pyport cimport PY_SSIZE_T_MAX
-from libc.stdlib cimport calloc, free
 
 cdef enum:
     ARENA_ALIGN = 64  # bytes: one cache line, and the widest vector (AVX-512)
@@ -34,6 +52,12 @@ STAT_NAMES = {
     "hot_hits": KVC_STAT_HOT_HITS,
     "cold_hits": KVC_STAT_COLD_HITS,
     "evictions": KVC_STAT_EVICTIONS,
+    "eviction_blocks": KVC_STAT_EVICTION_BLOCKS,
+    "promotions": KVC_STAT_PROMOTIONS,
+    "promotion_blocks": KVC_STAT_PROMOTION_BLOCKS,
+    "bytes_to_cold": KVC_STAT_BYTES_TO_COLD,
+    "bytes_from_cold": KVC_STAT_BYTES_FROM_COLD,
+    "cold_bytes_on_disk": KVC_STAT_COLD_BYTES,
 }
 
 
@@ -53,127 +77,413 @@ cdef inline void copy_rows(kvc_copy_fn copy, char *dst, Py_ssize_t dst_step,
             copy(dst + i * dst_step, src + i * src_step, <size_t>row_floats)
 
 
+cdef inline Py_ssize_t clamp_rows(Py_ssize_t rows, Py_ssize_t block) noexcept nogil:
+    return 0 if rows < 0 else (block if rows > block else rows)
+
+
+# -- moves between the tiers (the caller holds the layer lock) ----------------
+cdef int _write_back(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t rows) noexcept nogil:
+    """Write rows [disk_rows, rows) of hot block b to the cold files."""
+    cdef Block *blk = &L.blocks[b]
+    cdef Py_ssize_t d = blk.disk_rows, rb = t.row_bytes
+    cdef size_t nbytes = (rows - d) * rb
+    cdef size_t off = HEADER_BYTES + (b * t.block_tokens + d) * rb
+    cdef const char *src_k
+    cdef const char *src_v
+    if rows <= d:
+        return KVC_OK
+    if L.cold.fd_k < 0:
+        return KVC_E_INVALID
+    if not kvc_stats_reserve(t.stats, KVC_STAT_COLD_BYTES, 2 * nbytes, t.cold_limit):
+        return KVC_E_FULL
+    src_k = L.keys + (blk.slot * t.block_tokens + d) * rb
+    src_v = L.values + (blk.slot * t.block_tokens + d) * rb
+    L.err = write_all(L.cold.fd_k, src_k, nbytes, off)
+    if L.err == 0:
+        L.err = write_all(L.cold.fd_v, src_v, nbytes, off)
+    if L.err != 0:
+        kvc_stats_sub(t.stats, KVC_STAT_COLD_BYTES, 2 * nbytes)
+        return KVC_E_IO
+    blk.crc_k = t.ops.crc32c(blk.crc_k, src_k, nbytes)
+    blk.crc_v = t.ops.crc32c(blk.crc_v, src_v, nbytes)
+    blk.disk_rows = rows
+    blk.verified = 0
+    kvc_stats_add(t.stats, KVC_STAT_BYTES_TO_COLD, 2 * nbytes)
+    return KVC_OK
+
+cdef int _verify(Tier *t, HotLayer *L, Py_ssize_t b) noexcept nogil:
+    """Check block b's disk rows against their checksums (once per write)."""
+    cdef Block *blk = &L.blocks[b]
+    cdef size_t nbytes = blk.disk_rows * t.row_bytes
+    cdef size_t off = HEADER_BYTES + b * t.block_tokens * t.row_bytes
+    if blk.verified or blk.disk_rows == 0:
+        return KVC_OK
+    if (t.ops.crc32c(0, L.cold.map_k + off, nbytes) != blk.crc_k
+            or t.ops.crc32c(0, L.cold.map_v + off, nbytes) != blk.crc_v):
+        L.bad_block = b
+        return KVC_E_CORRUPT
+    blk.verified = 1
+    return KVC_OK
+
+cdef int _evict(Tier *t, HotLayer *L, Py_ssize_t s, Py_ssize_t cursor) noexcept nogil:
+    cdef Py_ssize_t b = L.owner[s]
+    cdef Py_ssize_t rows = clamp_rows(cursor - b * t.block_tokens, t.block_tokens)
+    cdef int status = _write_back(t, L, b, rows)
+    if status != KVC_OK:
+        return status
+    L.blocks[b].slot = -1
+    L.owner[s] = -1
+    kvc_stats_add(t.stats, KVC_STAT_EVICTIONS, rows)
+    kvc_stats_add(t.stats, KVC_STAT_EVICTION_BLOCKS, 1)
+    return KVC_OK
+
+cdef int _take_slot(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t cursor) noexcept nogil:
+    """Give block b a slot, evicting the policy's victim if none is free."""
+    cdef Py_ssize_t s = choose_slot(&t.policy, L.blocks, L.owner, t.n_slots, cursor, b)
+    cdef int status
+    if s < 0:
+        return KVC_E_FULL
+    if L.owner[s] >= 0:
+        status = _evict(t, L, s, cursor)
+        if status != KVC_OK:
+            return status
+    L.owner[s] = b
+    L.blocks[b].slot = s
+    return KVC_OK
+
+cdef int _load(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t cursor) noexcept nogil:
+    """Bring cold block b back to RAM (verified first)."""
+    cdef Block *blk = &L.blocks[b]
+    cdef Py_ssize_t rows = blk.disk_rows, rb = t.row_bytes
+    cdef size_t off = HEADER_BYTES + b * t.block_tokens * rb
+    cdef int status = _verify(t, L, b)
+    if status == KVC_OK:
+        status = _take_slot(t, L, b, cursor)
+    if status != KVC_OK:
+        return status
+    copy_rows(t.ops.copy_nt, L.keys + blk.slot * t.block_tokens * rb, rb,
+              L.cold.map_k + off, rb, rows, rb, t.row_floats)
+    copy_rows(t.ops.copy_nt, L.values + blk.slot * t.block_tokens * rb, rb,
+              L.cold.map_v + off, rb, rows, rb, t.row_floats)
+    kvc_stats_add(t.stats, KVC_STAT_PROMOTIONS, rows)
+    kvc_stats_add(t.stats, KVC_STAT_PROMOTION_BLOCKS, 1)
+    kvc_stats_add(t.stats, KVC_STAT_BYTES_FROM_COLD, 2 * rows * rb)
+    return KVC_OK
+
+cdef void _drop_disk_rows(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t keep) noexcept nogil:
+    """Forget block b's disk rows from ``keep`` on, re-checksumming the rest."""
+    cdef Block *blk = &L.blocks[b]
+    cdef Py_ssize_t rb = t.row_bytes
+    cdef size_t off = HEADER_BYTES + b * t.block_tokens * rb
+    cdef bint bad = False
+    if blk.disk_rows <= keep:
+        return
+    kvc_stats_sub(t.stats, KVC_STAT_COLD_BYTES, 2 * (blk.disk_rows - keep) * rb)
+    if keep == 0:
+        blk.crc_k = blk.crc_v = 0
+    elif blk.slot >= 0:  # the RAM copy is the reference for rows it holds
+        blk.crc_k = t.ops.crc32c(0, L.keys + blk.slot * t.block_tokens * rb, keep * rb)
+        blk.crc_v = t.ops.crc32c(0, L.values + blk.slot * t.block_tokens * rb, keep * rb)
+    else:
+        bad = _verify(t, L, b) != KVC_OK
+        blk.crc_k = t.ops.crc32c(0, L.cold.map_k + off, keep * rb)
+        blk.crc_v = t.ops.crc32c(0, L.cold.map_v + off, keep * rb)
+        if bad:  # corrupt rows stay detectably corrupt
+            blk.crc_k = ~blk.crc_k
+    blk.disk_rows = keep
+    blk.verified = 0
+
+cdef void _cut(Tier *t, HotLayer *L, Py_ssize_t n, Py_ssize_t extent) noexcept nogil:
+    """Forget positions [n, extent) of a layer in both tiers."""
+    cdef Py_ssize_t b, keep, p, B = t.block_tokens
+    cdef Block *blk
+    for b in range(n // B, (extent + B - 1) // B):
+        blk = &L.blocks[b]
+        keep = clamp_rows(n - b * B, B)
+        _drop_disk_rows(t, L, b, keep)
+        if keep == 0:
+            if t.tiered and blk.slot >= 0:
+                L.owner[blk.slot] = -1
+                blk.slot = -1
+            blk.hits = 0
+            blk.last_use = 0
+        if L.scores != NULL:
+            blk.mass = 0
+            for p in range(b * B, b * B + B):
+                if p >= n:
+                    L.scores[p] = 0
+                else:
+                    blk.mass += L.scores[p]
+    if L.length > n:
+        kvc_stats_sub(t.stats, KVC_STAT_ROWS_HELD, L.length - n)
+    L.length = n
+
+cdef int _check_room(Tier *t, HotLayer *L, Py_ssize_t n, uint64_t *need) noexcept nogil:
+    """KVC_E_FULL if n more positions would pass max_seq_len; else adds to
+    ``need`` the cold bytes they may take (only counted under max_cold_bytes)."""
+    cdef Py_ssize_t b, B = t.block_tokens, missing = 0, free_slots = 0
+    if L.keys == NULL:
+        return KVC_E_CLOSED
+    if n > t.max_len - L.length:
+        return KVC_E_FULL
+    if t.cold_limit == UINT64_MAX:
+        return KVC_OK
+    if t.persist:  # every position goes to disk at the next flush
+        need[0] += 2 * <uint64_t>n * t.row_bytes
+    elif t.tiered:  # worst case: each block it pushes out is a whole block new to disk
+        for b in range(L.length // B, (L.length + n + B - 1) // B):
+            missing += L.blocks[b].slot < 0
+        if missing:
+            for b in range(t.n_slots):
+                free_slots += L.owner[b] < 0
+        need[0] += 2 * <uint64_t>max(0, missing - free_slots) * B * t.row_bytes
+    return KVC_OK
+
+
+cdef int _cold_fits(Tier *t, uint64_t need) noexcept nogil:
+    """KVC_E_FULL if ``need`` more cold bytes would pass max_cold_bytes."""
+    cdef uint64_t held
+    if need == 0:
+        return KVC_OK
+    if t.persist:
+        held = 2 * kvc_stats_get(t.stats, KVC_STAT_ROWS_HELD) * t.row_bytes
+    else:
+        held = kvc_stats_get(t.stats, KVC_STAT_COLD_BYTES)
+    return KVC_E_FULL if need > t.cold_limit - min(t.cold_limit, held) else KVC_OK
+
+# -- stores --------------------------------------------------------------
+cdef int append_locked(Tier *t, HotLayer *L, Py_ssize_t n,
+                       const char *k, Py_ssize_t k_step, const char *v, Py_ssize_t v_step) noexcept nogil:
+    """Append n rows to a layer whose lock the caller holds and whose room
+    _check_room confirmed: all or nothing."""
+    cdef Py_ssize_t B = t.block_tokens, rb = t.row_bytes
+    cdef Py_ssize_t old = L.length, cursor = L.length, i = 0, b, off, cnt
+    cdef Block *blk
+    cdef int status = KVC_OK
+    L.tick += 1
+    while i < n:
+        b = cursor // B
+        off = cursor - b * B
+        blk = &L.blocks[b]
+        if blk.slot < 0:
+            # A cold block with rows is the tail after a truncate or a reopen.
+            status = _load(t, L, b, cursor) if blk.disk_rows > 0 else _take_slot(t, L, b, cursor)
+            if status != KVC_OK:
+                _cut(t, L, old, cursor)
+                return status
+        cnt = min(B - off, n - i)
+        copy_rows(t.ops.copy_nt, L.keys + (blk.slot * B + off) * rb, rb, k + i * k_step, k_step,
+                  cnt, rb, t.row_floats)
+        copy_rows(t.ops.copy_nt, L.values + (blk.slot * B + off) * rb, rb, v + i * v_step, v_step,
+                  cnt, rb, t.row_floats)
+        blk.last_use = L.tick
+        i += cnt
+        cursor += cnt
+    L.length = cursor
+    kvc_stats_add(t.stats, KVC_STAT_ROWS_HELD, n)
+    kvc_stats_add(t.stats, KVC_STAT_TOKENS_STORED, n)
+    kvc_stats_add(t.stats, KVC_STAT_BYTES_STORED, 2 * n * rb)
+    return KVC_OK
+
 cdef struct AppendJob:
-    # One store_layers call, shared by the pool threads: task l copies layer l.
-    HotLayer *layers
-    kvc_copy_fn copy_nt
-    Py_ssize_t n, row_bytes, row_floats
+    # One store_layers call, shared by the pool threads: task l stores layer l.
+    Tier *tier
+    Py_ssize_t n
     const char *k
     const char *v
     Py_ssize_t k_layer_step, k_step, v_layer_step, v_step
+    int *status         # [n_layers]
 
 
 cdef void append_task(void *ctx, size_t l) noexcept nogil:
     cdef AppendJob *j = <AppendJob *>ctx
-    cdef HotLayer *L = &j.layers[l]
-    copy_rows(j.copy_nt, L.keys + L.length * j.row_bytes, j.row_bytes,
-              j.k + <Py_ssize_t>l * j.k_layer_step, j.k_step, j.n, j.row_bytes, j.row_floats)
-    copy_rows(j.copy_nt, L.values + L.length * j.row_bytes, j.row_bytes,
-              j.v + <Py_ssize_t>l * j.v_layer_step, j.v_step, j.n, j.row_bytes, j.row_floats)
+    j.status[l] = append_locked(j.tier, &j.tier.layers[l], j.n,
+                                       j.k + <Py_ssize_t>l * j.k_layer_step, j.k_step,
+                                       j.v + <Py_ssize_t>l * j.v_layer_step, j.v_step)
 
 
 cdef class HotTier:
-    """RAM arenas for ``n_layers`` layers of ``capacity`` rows of ``row_floats`` floats."""
+    """The block-organised RAM arenas of every layer, and their cold tier.
 
-    def __cinit__(self, n_layers, capacity, row_floats, bint prefault=True, int threads=1):
-        cdef Py_ssize_t l
+    Parameters
+    ----------
+    config : CacheConfig
+    prefault, threads
+        As in the config (threads resolved to a number).
+    """
+
+    def __cinit__(self, config, bint prefault=True, int threads=1):
+        cdef Py_ssize_t l, s
         cdef size_t arena
+        cdef HotLayer *L
         # Sizes are multiplied as Python ints: a C product could wrap around
         # and make a small arena that later stores would overrun.
-        if min(n_layers, capacity, row_floats) < 1:
-            raise ValueError("HotTier sizes must be positive")
-        if 2 * n_layers * capacity * row_floats * 4 > PY_SSIZE_T_MAX // 2:
-            raise MemoryError(f"a hot tier of {n_layers} x {capacity} x {row_floats} floats "
-                              f"is larger than this machine can address")
-        self.n_layers = n_layers
-        self.capacity = capacity
-        self.row_floats = row_floats
-        self.row_bytes = row_floats * 4
+        capacity = config.hot_slots * config.block_tokens
+        if 2 * config.n_layers * capacity * config.row_bytes > PY_SSIZE_T_MAX // 2:
+            raise MemoryError(f"a hot tier of {config.n_layers} x {capacity} x "
+                              f"{config.n_kv_heads * config.head_dim} floats is larger than this "
+                              f"machine can address")
+        self.t.n_layers = config.n_layers
+        self.t.row_floats = config.n_kv_heads * config.head_dim
+        self.t.row_bytes = self.t.row_floats * 4
+        self.t.block_tokens = config.block_tokens
+        self.t.n_blocks = config.n_blocks
+        self.t.n_slots = config.hot_slots
+        self.t.capacity = self.t.n_slots * self.t.block_tokens
+        self.t.max_len = config.max_seq_len
+        self.t.tiered = config.tiered
+        self.t.persist = config.persist
+        self.t.promote = config.promote_on_read and config.eviction_policy != "h2o"
+        self.t.cold_limit = UINT64_MAX if config.max_cold_bytes is None else config.max_cold_bytes
+        self.t.policy.kind = POLICIES[config.eviction_policy]
+        self.t.policy.block_tokens = self.t.block_tokens
+        self.t.policy.sink_blocks = config.sink_blocks
+        self.t.policy.recent = config.recent_window
+        self.t.policy.w_recency = config.adaptive_recency_weight
+        self.t.policy.w_frequency = config.adaptive_frequency_weight
         self.threads = threads
-        self.ops = simd_ops()
-        self.stats = kvc_stats_new()
-        self.layers = <HotLayer *>calloc(self.n_layers, sizeof(HotLayer))
-        if self.stats == NULL or self.layers == NULL:
+        self.t.ops = simd_ops()
+        self.t.stats = kvc_stats_new()
+        self.t.layers = <HotLayer *>calloc(self.t.n_layers, sizeof(HotLayer))
+        if self.t.stats == NULL or self.t.layers == NULL:
             raise MemoryError("cannot allocate the hot tier's bookkeeping")
-        for l in range(self.n_layers):
-            if kvc_lock_init(&self.layers[l].lock) != 0:
+        for l in range(self.t.n_layers):
+            L = &self.t.layers[l]
+            L.cold.fd_k = L.cold.fd_v = -1
+            L.bad_block = -1
+            if kvc_lock_init(&L.lock) != 0:
                 raise MemoryError("cannot create a layer lock")
             self.n_locks += 1
-        arena = <size_t>capacity * <size_t>self.row_bytes
-        for l in range(self.n_layers):
-            self.layers[l].keys = <char *>kvc_alloc(arena, ARENA_ALIGN)
-            self.layers[l].values = <char *>kvc_alloc(arena, ARENA_ALIGN)
-            if self.layers[l].keys == NULL or self.layers[l].values == NULL:
+        arena = <size_t>self.t.capacity * <size_t>self.t.row_bytes
+        for l in range(self.t.n_layers):
+            L = &self.t.layers[l]
+            L.keys = <char *>kvc_alloc(arena, ARENA_ALIGN)
+            L.values = <char *>kvc_alloc(arena, ARENA_ALIGN)
+            L.blocks = <Block *>calloc(self.t.n_blocks, sizeof(Block))
+            L.owner = <int32_t *>calloc(self.t.n_slots, sizeof(int32_t))
+            if self.t.policy.kind == POLICY_H2O:
+                L.scores = <float *>calloc(self.t.n_blocks * self.t.block_tokens, sizeof(float))
+            if (L.keys == NULL or L.values == NULL or L.blocks == NULL or L.owner == NULL
+                    or (self.t.policy.kind == POLICY_H2O and L.scores == NULL)):
                 self._free_arenas()
-                check_status(KVC_E_NOMEM, f"cannot allocate 2 x {n_layers} arenas of {arena} bytes")
+                check_status(KVC_E_NOMEM, f"cannot allocate 2 x {self.t.n_layers} arenas of {arena} bytes")
+            for s in range(self.t.n_blocks):
+                L.blocks[s].slot = -1 if self.t.tiered else s  # all in RAM: block b in slot b for good
+            for s in range(self.t.n_slots):
+                L.owner[s] = -1 if self.t.tiered else s
         if prefault:
             with nogil:
-                for l in range(self.n_layers):
-                    kvc_prefault(self.layers[l].keys, arena)
-                    kvc_prefault(self.layers[l].values, arena)
+                for l in range(self.t.n_layers):
+                    kvc_prefault(self.t.layers[l].keys, arena)
+                    kvc_prefault(self.t.layers[l].values, arena)
 
     def __dealloc__(self):
         cdef Py_ssize_t l
-        if self.layers != NULL:
+        if self.t.layers != NULL:
             self._free_arenas()
             for l in range(self.n_locks):
-                kvc_lock_destroy(&self.layers[l].lock)
-            free(self.layers)
-            self.layers = NULL
-        if self.stats != NULL:
-            kvc_stats_free(self.stats)
-            self.stats = NULL
+                kvc_lock_destroy(&self.t.layers[l].lock)
+            free(self.t.layers)
+            self.t.layers = NULL
+        if self.t.stats != NULL:
+            kvc_stats_free(self.t.stats)
+            self.t.stats = NULL
 
     cdef void _free_arenas(self) noexcept:
         cdef Py_ssize_t l
-        for l in range(self.n_layers):
-            kvc_free(self.layers[l].keys)
-            kvc_free(self.layers[l].values)
-            self.layers[l].keys = NULL
-            self.layers[l].values = NULL
+        for l in range(self.t.n_layers):
+            kvc_free(self.t.layers[l].keys)
+            kvc_free(self.t.layers[l].values)
+            free(self.t.layers[l].blocks)
+            free(self.t.layers[l].owner)
+            free(self.t.layers[l].scores)
+            self.t.layers[l].keys = self.t.layers[l].values = NULL
+            self.t.layers[l].blocks = NULL
+            self.t.layers[l].owner = NULL
+            self.t.layers[l].scores = NULL
+
+    def attach_cold(self, store):
+        """Give every layer its cold files (a ColdStore)."""
+        cdef Py_ssize_t l
+        cdef ColdFiles f
+        for l in range(self.t.n_layers):
+            f = layer_files(store, l)
+            with nogil:
+                kvc_lock_acquire(&self.t.layers[l].lock)
+                self.t.layers[l].cold = f
+                kvc_lock_release(&self.t.layers[l].lock)
 
     def close(self):
         """Free the arenas (idempotent).  Waits for copies in flight to end."""
         cdef Py_ssize_t l
+        cdef HotLayer *L
         if self.closed:
             return
         self.closed = True
         with nogil:
-            for l in range(self.n_layers):
-                kvc_lock_acquire(&self.layers[l].lock)
-                kvc_free(self.layers[l].keys)
-                kvc_free(self.layers[l].values)
-                self.layers[l].keys = NULL
-                self.layers[l].values = NULL
-                self.layers[l].length = 0
-                kvc_lock_release(&self.layers[l].lock)
+            for l in range(self.t.n_layers):
+                L = &self.t.layers[l]
+                kvc_lock_acquire(&L.lock)
+                kvc_free(L.keys)
+                kvc_free(L.values)
+                L.keys = L.values = NULL
+                L.length = 0
+                L.cold.fd_k = L.cold.fd_v = -1
+                L.cold.map_k = L.cold.map_v = NULL
+                kvc_lock_release(&L.lock)
+
+    @property
+    def n_layers(self):
+        return self.t.n_layers
+
+    @property
+    def capacity(self):
+        """Positions per layer the RAM arenas hold."""
+        return self.t.capacity
+
+    @property
+    def row_floats(self):
+        return self.t.row_floats
+
+    @property
+    def row_bytes(self):
+        return self.t.row_bytes
+
+    @property
+    def tiered(self):
+        return self.t.tiered
 
     @property
     def nbytes(self):
-        return 0 if self.closed else 2 * self.n_layers * self.capacity * self.row_bytes
+        return 0 if self.closed else 2 * self.t.n_layers * self.t.capacity * self.t.row_bytes
 
     def stat(self, str name):
-        return kvc_stats_get(self.stats, STAT_NAMES[name])
+        return kvc_stats_get(self.t.stats, STAT_NAMES[name])
 
+    def error_detail(self, Py_ssize_t layer):
+        """(errno, bad block or -1) of the last failure on a layer; clears them."""
+        cdef HotLayer *L = &self.t.layers[layer]
+        with nogil:
+            kvc_lock_acquire(&L.lock)
+        detail = (L.err, L.bad_block)
+        L.err = 0
+        L.bad_block = -1
+        kvc_lock_release(&L.lock)
+        return detail
+
+    # -- stores --------------------------------------------------------------
     cdef int append(self, Py_ssize_t layer, Py_ssize_t n,
                     const char *k, Py_ssize_t k_step, const char *v, Py_ssize_t v_step) noexcept nogil:
-        cdef HotLayer *L = &self.layers[layer]
-        cdef int status = KVC_OK
+        cdef HotLayer *L = &self.t.layers[layer]
+        cdef int status
+        cdef uint64_t need = 0
         kvc_lock_acquire(&L.lock)
-        if L.keys == NULL:
-            status = KVC_E_CLOSED
-        elif n > self.capacity - L.length:
-            status = KVC_E_FULL
-        else:
-            copy_rows(self.ops.copy_nt, L.keys + L.length * self.row_bytes, self.row_bytes,
-                      k, k_step, n, self.row_bytes, self.row_floats)
-            copy_rows(self.ops.copy_nt, L.values + L.length * self.row_bytes, self.row_bytes,
-                      v, v_step, n, self.row_bytes, self.row_floats)
-            L.length += n
-        kvc_lock_release(&L.lock)
+        status = _check_room(&self.t, L, n, &need)
         if status == KVC_OK:
-            kvc_stats_add(self.stats, KVC_STAT_TOKENS_STORED, n)
-            kvc_stats_add(self.stats, KVC_STAT_BYTES_STORED, 2 * n * self.row_bytes)
+            status = _cold_fits(&self.t, need)
+        if status == KVC_OK:
+            status = append_locked(&self.t, L, n, k, k_step, v, v_step)
+        kvc_lock_release(&L.lock)
         return status
 
     cdef int append_all(self, Py_ssize_t n,
@@ -183,97 +493,272 @@ cdef class HotTier:
         cdef Py_ssize_t l
         cdef int status = KVC_OK
         cdef int threads = self.threads
-        cdef HotLayer *L
+        cdef uint64_t need = 0
         cdef AppendJob job
-        for l in range(self.n_layers):  # ascending order: no deadlock with other lockers
-            kvc_lock_acquire(&self.layers[l].lock)
-        for l in range(self.n_layers):
-            L = &self.layers[l]
-            if L.keys == NULL:
-                status = KVC_E_CLOSED
-                break
-            if n > self.capacity - L.length:
-                status = KVC_E_FULL
+        cdef Py_ssize_t *old = <Py_ssize_t *>calloc(self.t.n_layers, sizeof(Py_ssize_t))
+        job.status = <int *>calloc(self.t.n_layers, sizeof(int))
+        if old == NULL or job.status == NULL:
+            free(old)
+            free(job.status)
+            return KVC_E_NOMEM
+        for l in range(self.t.n_layers):  # ascending order: no deadlock with other lockers
+            kvc_lock_acquire(&self.t.layers[l].lock)
+        for l in range(self.t.n_layers):
+            old[l] = self.t.layers[l].length
+            status = _check_room(&self.t, &self.t.layers[l], n, &need)
+            if status != KVC_OK:
                 break
         if status == KVC_OK:
-            job.layers = self.layers
-            job.copy_nt = self.ops.copy_nt
+            status = _cold_fits(&self.t, need)
+        if status == KVC_OK:
+            job.tier = &self.t
             job.n = n
-            job.row_bytes = self.row_bytes
-            job.row_floats = self.row_floats
             job.k, job.k_layer_step, job.k_step = k, k_layer_step, k_step
             job.v, job.v_layer_step, job.v_step = v, v_layer_step, v_step
-            if 2 * n * self.n_layers * self.row_bytes < PARALLEL_MIN_BYTES:
+            if 2 * n * self.t.n_layers * self.t.row_bytes < PARALLEL_MIN_BYTES:
                 threads = 1
-            self.last_threads = kvc_pool_run(threads, self.n_layers, append_task, &job)
-        for l in range(self.n_layers):
-            if status == KVC_OK:
-                self.layers[l].length += n
-            kvc_lock_release(&self.layers[l].lock)
-        if status == KVC_OK:
-            kvc_stats_add(self.stats, KVC_STAT_TOKENS_STORED, n * self.n_layers)
-            kvc_stats_add(self.stats, KVC_STAT_BYTES_STORED, 2 * n * self.n_layers * self.row_bytes)
+            self.last_threads = kvc_pool_run(threads, self.t.n_layers, append_task, &job)
+            for l in range(self.t.n_layers):
+                if job.status[l] != KVC_OK:
+                    status = job.status[l]
+                    break
+            if status != KVC_OK:  # undo the layers that succeeded
+                for l in range(self.t.n_layers):
+                    if self.t.layers[l].length != old[l]:
+                        kvc_stats_sub(self.t.stats, KVC_STAT_TOKENS_STORED, n)
+                        kvc_stats_sub(self.t.stats, KVC_STAT_BYTES_STORED, 2 * n * self.t.row_bytes)
+                        _cut(&self.t, &self.t.layers[l], old[l], self.t.layers[l].length)
+        for l in range(self.t.n_layers):
+            kvc_lock_release(&self.t.layers[l].lock)
+        free(old)
+        free(job.status)
         return status
 
+    # -- reads ---------------------------------------------------------------
     cdef int read(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop,
                   char *k, Py_ssize_t k_step, char *v, Py_ssize_t v_step) noexcept nogil:
-        cdef HotLayer *L = &self.layers[layer]
+        cdef HotLayer *L = &self.t.layers[layer]
+        cdef Py_ssize_t B = self.t.block_tokens, rb = self.t.row_bytes
+        cdef Py_ssize_t pos = start, b, off, cnt, cold_blocks = 0, s, hot = 0
+        cdef size_t src_off
+        cdef Block *blk
         cdef int status = KVC_OK
-        cdef Py_ssize_t n = stop - start
+        cdef bint promote = self.t.promote and self.t.tiered
+        kvc_lock_acquire(&L.lock)
+        if L.keys == NULL:
+            status = KVC_E_CLOSED
+        elif stop > L.length:
+            status = KVC_E_RANGE
+        elif not self.t.tiered:  # one arena, block b in slot b: a single copy
+            copy_rows(self.t.ops.copy, k, k_step, L.keys + start * rb, rb, stop - start, rb, self.t.row_floats)
+            copy_rows(self.t.ops.copy, v, v_step, L.values + start * rb, rb, stop - start, rb, self.t.row_floats)
+            hot = stop - start
+        else:
+            L.tick += 1
+            if promote:  # a scan over many cold blocks must not flush the hot tier
+                for b in range(start // B, (stop + B - 1) // B):
+                    cold_blocks += L.blocks[b].slot < 0
+                promote = cold_blocks <= self.t.n_slots // 2
+            while pos < stop and status == KVC_OK:
+                b = pos // B
+                off = pos - b * B
+                cnt = min(B - off, stop - pos)
+                blk = &L.blocks[b]
+                blk.last_use = L.tick
+                blk.hits += 1
+                if blk.slot < 0 and promote:
+                    s = choose_slot(&self.t.policy, L.blocks, L.owner, self.t.n_slots, L.length, b)
+                    if s >= 0 and (L.owner[s] < 0 or block_score(&self.t.policy, &L.blocks[L.owner[s]])
+                                   < block_score(&self.t.policy, blk)):
+                        status = _load(&self.t, L, b, L.length)
+                        if status == KVC_E_IO or status == KVC_E_FULL:
+                            status = KVC_OK  # could not make room: serve it from the cold tier
+                if status != KVC_OK:
+                    break
+                if blk.slot >= 0:
+                    copy_rows(self.t.ops.copy, k + (pos - start) * k_step, k_step,
+                              L.keys + (blk.slot * B + off) * rb, rb, cnt, rb, self.t.row_floats)
+                    copy_rows(self.t.ops.copy, v + (pos - start) * v_step, v_step,
+                              L.values + (blk.slot * B + off) * rb, rb, cnt, rb, self.t.row_floats)
+                    hot += cnt
+                else:
+                    status = _verify(&self.t, L, b)
+                    if status != KVC_OK:
+                        break
+                    src_off = HEADER_BYTES + pos * rb
+                    copy_rows(self.t.ops.copy, k + (pos - start) * k_step, k_step,
+                              L.cold.map_k + src_off, rb, cnt, rb, self.t.row_floats)
+                    copy_rows(self.t.ops.copy, v + (pos - start) * v_step, v_step,
+                              L.cold.map_v + src_off, rb, cnt, rb, self.t.row_floats)
+                    kvc_stats_add(self.t.stats, KVC_STAT_COLD_HITS, cnt)
+                    kvc_stats_add(self.t.stats, KVC_STAT_BYTES_FROM_COLD, 2 * cnt * rb)
+                pos += cnt
+        kvc_lock_release(&L.lock)
+        if status == KVC_OK:
+            kvc_stats_add(self.t.stats, KVC_STAT_TOKENS_READ, stop - start)
+            kvc_stats_add(self.t.stats, KVC_STAT_BYTES_READ, 2 * (stop - start) * rb)
+            kvc_stats_add(self.t.stats, KVC_STAT_HOT_HITS, hot)
+        return status
+
+    cdef int write_back_range(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop,
+                              bint check) noexcept nogil:
+        """Make the cold files hold positions [start, stop), for views and flush.
+
+        With ``check``, blocks already cold are verified too (views hand out
+        their bytes without another look).
+        """
+        cdef HotLayer *L = &self.t.layers[layer]
+        cdef Py_ssize_t b, B = self.t.block_tokens
+        cdef int status = KVC_OK
         kvc_lock_acquire(&L.lock)
         if L.keys == NULL:
             status = KVC_E_CLOSED
         elif stop > L.length:
             status = KVC_E_RANGE
         else:
-            copy_rows(self.ops.copy, k, k_step, L.keys + start * self.row_bytes, self.row_bytes,
-                      n, self.row_bytes, self.row_floats)
-            copy_rows(self.ops.copy, v, v_step, L.values + start * self.row_bytes, self.row_bytes,
-                      n, self.row_bytes, self.row_floats)
+            for b in range(start // B, (stop + B - 1) // B):
+                if L.blocks[b].slot >= 0:
+                    status = _write_back(&self.t, L, b, clamp_rows(L.length - b * B, B))
+                elif check:
+                    status = _verify(&self.t, L, b)
+                if status != KVC_OK:
+                    break
         kvc_lock_release(&L.lock)
-        if status == KVC_OK:
-            kvc_stats_add(self.stats, KVC_STAT_TOKENS_READ, n)
-            kvc_stats_add(self.stats, KVC_STAT_BYTES_READ, 2 * n * self.row_bytes)
-            kvc_stats_add(self.stats, KVC_STAT_HOT_HITS, n)
+        return status
+
+    def account_view(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop):
+        """Count rows handed out as cold-file views (hot_hits / cold_hits by tier)."""
+        cdef HotLayer *L = &self.t.layers[layer]
+        cdef Py_ssize_t pos = start, b, cnt, hot = 0, B = self.t.block_tokens
+        with nogil:
+            kvc_lock_acquire(&L.lock)
+            L.tick += 1
+            while pos < stop:
+                b = pos // B
+                cnt = min(B - (pos - b * B), stop - pos)
+                L.blocks[b].last_use = L.tick
+                L.blocks[b].hits += 1
+                if L.blocks[b].slot >= 0:
+                    hot += cnt
+                pos += cnt
+            kvc_lock_release(&L.lock)
+        kvc_stats_add(self.t.stats, KVC_STAT_TOKENS_READ, stop - start)
+        kvc_stats_add(self.t.stats, KVC_STAT_BYTES_READ, 2 * (stop - start) * self.t.row_bytes)
+        kvc_stats_add(self.t.stats, KVC_STAT_HOT_HITS, hot)
+        kvc_stats_add(self.t.stats, KVC_STAT_COLD_HITS, stop - start - hot)
+        kvc_stats_add(self.t.stats, KVC_STAT_BYTES_FROM_COLD, 2 * (stop - start - hot) * self.t.row_bytes)
+
+    cdef int add_scores(self, Py_ssize_t layer, const float *acc, Py_ssize_t n) noexcept nogil:
+        """h2o: add attention mass ``acc[p]`` to positions 0..n-1 of a layer."""
+        cdef HotLayer *L = &self.t.layers[layer]
+        cdef Py_ssize_t p, b, B = self.t.block_tokens
+        cdef double mass
+        cdef int status = KVC_OK
+        kvc_lock_acquire(&L.lock)
+        if L.keys == NULL:
+            status = KVC_E_CLOSED
+        elif n > L.length:
+            status = KVC_E_RANGE
+        elif L.scores != NULL:
+            self.t.ops.add_rows(L.scores, acc, 1, n, n)
+            for b in range((n + B - 1) // B):
+                mass = 0
+                for p in range(b * B, min(n, b * B + B)):
+                    mass += acc[p]
+                L.blocks[b].mass += mass
+        kvc_lock_release(&L.lock)
         return status
 
     cdef int truncate(self, Py_ssize_t n) noexcept nogil:
         cdef Py_ssize_t l
         cdef int status = KVC_OK
-        for l in range(self.n_layers):
-            kvc_lock_acquire(&self.layers[l].lock)
-            if self.layers[l].keys == NULL:
+        for l in range(self.t.n_layers):
+            kvc_lock_acquire(&self.t.layers[l].lock)
+            if self.t.layers[l].keys == NULL:
                 status = KVC_E_CLOSED
-            elif self.layers[l].length > n:
-                self.layers[l].length = n
-            kvc_lock_release(&self.layers[l].lock)
+            elif self.t.layers[l].length > n:
+                _cut(&self.t, &self.t.layers[l], n, self.t.layers[l].length)
+            kvc_lock_release(&self.t.layers[l].lock)
         return status
 
     cdef Py_ssize_t length(self, Py_ssize_t layer) noexcept nogil:
         """Positions stored in ``layer``, or -1 once closed."""
         cdef Py_ssize_t n
-        kvc_lock_acquire(&self.layers[layer].lock)
-        n = self.layers[layer].length if self.layers[layer].keys != NULL else -1
-        kvc_lock_release(&self.layers[layer].lock)
+        kvc_lock_acquire(&self.t.layers[layer].lock)
+        n = self.t.layers[layer].length if self.t.layers[layer].keys != NULL else -1
+        kvc_lock_release(&self.t.layers[layer].lock)
         return n
+
+    # -- persistence and inspection (with the GIL; rare) ---------------------
+    def block_table(self, Py_ssize_t layer):
+        """(length, [(slot, disk_rows, crc_k, crc_v) per block up to the end])."""
+        cdef HotLayer *L = &self.t.layers[layer]
+        cdef Py_ssize_t b, n
+        cdef list rows = []
+        with nogil:
+            kvc_lock_acquire(&L.lock)
+        try:
+            n = L.length
+            for b in range((n + self.t.block_tokens - 1) // self.t.block_tokens):
+                rows.append((L.blocks[b].slot, L.blocks[b].disk_rows, L.blocks[b].crc_k, L.blocks[b].crc_v))
+        finally:
+            kvc_lock_release(&L.lock)
+        return n, rows
+
+    def restore(self, Py_ssize_t layer, Py_ssize_t length, list disk_rows, list crc_k, list crc_v):
+        """Reopen: a layer's length and its blocks, all cold (RAM refills lazily)."""
+        cdef HotLayer *L = &self.t.layers[layer]
+        cdef Py_ssize_t b, total = 0
+        if length > self.t.max_len or len(disk_rows) != (length + self.t.block_tokens - 1) // self.t.block_tokens:
+            raise ValueError(f"layer {layer}: an index of {len(disk_rows)} blocks for {length} positions "
+                             f"does not fit max_seq_len={self.t.max_len}")
+        for b in range(len(disk_rows)):
+            if disk_rows[b] != min(self.t.block_tokens, length - b * self.t.block_tokens):
+                raise ValueError(f"layer {layer}: block {b} has {disk_rows[b]} rows on disk, "
+                                 f"expected every stored position")
+            L.blocks[b].disk_rows = disk_rows[b]
+            L.blocks[b].crc_k = crc_k[b]
+            L.blocks[b].crc_v = crc_v[b]
+            if not self.t.tiered:  # everything lives in RAM: read it back now
+                L.blocks[b].slot = -1
+                L.owner[b] = -1
+            total += disk_rows[b]
+        L.length = length
+        kvc_stats_add(self.t.stats, KVC_STAT_ROWS_HELD, length)
+        kvc_stats_add(self.t.stats, KVC_STAT_COLD_BYTES, 2 * total * self.t.row_bytes)
+        cdef int status = KVC_OK
+        if not self.t.tiered:
+            with nogil:
+                kvc_lock_acquire(&L.lock)
+                for b in range((length + self.t.block_tokens - 1) // self.t.block_tokens):
+                    status = _load(&self.t, L, b, length)
+                    if status != KVC_OK:
+                        break
+                kvc_lock_release(&L.lock)
+        return status
 
     def _debug_arenas(self):
         """Test hook: per layer (keys address, values address, nonzero bytes past the end).
 
         The last item proves arenas start zeroed and that stores write only
-        their own rows.
+        their own rows (meaningful while every position is in RAM).
         """
-        cdef Py_ssize_t l, i, nz, end = self.capacity * self.row_bytes
+        cdef Py_ssize_t l, i, nz, end = self.t.capacity * self.t.row_bytes
         cdef HotLayer *L
         out = []
-        for l in range(self.n_layers):
-            L = &self.layers[l]
+        for l in range(self.t.n_layers):
+            L = &self.t.layers[l]
             with nogil:
                 kvc_lock_acquire(&L.lock)
                 nz = 0
                 if L.keys != NULL:
-                    for i in range(L.length * self.row_bytes, end):
+                    for i in range(L.length * self.t.row_bytes, end):
                         nz += (L.keys[i] != 0) + (L.values[i] != 0)
                 kvc_lock_release(&L.lock)
             out.append((<size_t>L.keys, <size_t>L.values, nz))
         return out
+
+    def _debug_hot_blocks(self, Py_ssize_t layer):
+        """Test hook: the sorted block numbers a layer holds in RAM."""
+        cdef HotLayer *L = &self.t.layers[layer]
+        return sorted(L.owner[s] for s in range(self.t.n_slots) if L.owner[s] >= 0)

@@ -1,1 +1,1 @@
-cdef int check_status(int code, str detail=*) except -1
+cdef int check_status(int code, str detail=*, int err=*, object filename=*) except -1

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 DTYPES = ("float32",)
-EVICTION_POLICIES = ("lru",)
+EVICTION_POLICIES = ("lru", "adaptive", "h2o")
 
 
 def _positive_int(name: str, value, *, allow_zero: bool = False) -> int:
@@ -44,19 +44,42 @@ class CacheConfig:
         Positions a layer may hold in all.
     hot_tokens : int or None
         Positions per layer kept in RAM; ``None`` keeps all of ``max_seq_len``.
-        Until the cold tier exists, storing past it raises
-        :class:`~kvcache.CacheFullError`.
+        Otherwise a multiple of ``block_tokens`` leaving room for the sink
+        blocks plus two: older blocks then move to the cold tier on disk.
     dtype : str
         Storage type; ``"float32"``.
     eviction_policy : str
-        Which blocks leave RAM first; ``"lru"``.
+        Which hot block goes cold when a layer needs a slot:
+        ``"lru"`` the least recently stored or read; ``"adaptive"`` the lowest
+        ``adaptive_frequency_weight * gets + adaptive_recency_weight * last_tick``;
+        ``"h2o"`` the lowest attention mass (see ``update_scores``) outside the
+        ``recent_tokens`` window.
     sink_tokens : int
         First positions that always stay in RAM (attention sinks).
     block_tokens : int
         Positions moved between tiers at a time.
     cold_dir : str, os.PathLike or None
-        Where the cold tier keeps its files (``None``: a private temporary
-        directory).
+        Directory of the cold tier's files, owned by the cache (created 0700
+        if missing; must be empty or not exist for a new cache).  ``None``: a
+        private temporary directory, removed on close.
+    persist : bool
+        Keep ``cold_dir`` after close: :meth:`~kvcache.TieredKVCache.flush`
+        and close make the cache durable, and
+        :meth:`~kvcache.TieredKVCache.open` reopens it.  Needs ``cold_dir``.
+    max_cold_bytes : int or None
+        Bound on the token bytes the cold tier holds (all layers); a store
+        that could exceed it raises :class:`~kvcache.CacheFullError`.
+    recent_tokens : int or None
+        ``"h2o"``: the last positions that never go cold (default a quarter
+        of ``hot_tokens``).
+    adaptive_recency_weight, adaptive_frequency_weight : float
+        ``"adaptive"``: weights of a block's last access tick (one tick per
+        store or get call on its layer) and of its number of gets.
+    promote_on_read : bool
+        ``"lru"`` and ``"adaptive"``: a get copying a cold block brings it
+        back to RAM when it outranks the block it would displace (never for
+        gets touching more cold blocks than half the hot slots: scans do not
+        flush the hot tier).
     threads : int or None
         Native threads for :meth:`~kvcache.TieredKVCache.store_layers`;
         ``None`` uses every core this process may run on.
@@ -83,6 +106,12 @@ class CacheConfig:
     cold_dir: Optional[Union[str, os.PathLike]] = None
     threads: Optional[int] = None
     prefault: bool = True
+    persist: bool = False
+    max_cold_bytes: Optional[int] = None
+    recent_tokens: Optional[int] = None
+    adaptive_recency_weight: float = 1.0
+    adaptive_frequency_weight: float = 16.0
+    promote_on_read: bool = True
 
     def __post_init__(self):
         fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -95,10 +124,30 @@ class CacheConfig:
                 raise ValueError(
                     f"CacheConfig.hot_tokens: expected at most max_seq_len={self.max_seq_len}, "
                     f"got {self.hot_tokens}")
+        if self.tiered:
+            B = self.block_tokens
+            if self.hot_tokens % B:
+                raise ValueError(f"CacheConfig.hot_tokens: expected a multiple of block_tokens={B}, "
+                                 f"got {self.hot_tokens}")
+            need = (self.sink_blocks + 2) * B
+            if self.hot_tokens < need:
+                raise ValueError(
+                    f"CacheConfig.hot_tokens: expected at least {need} (sink blocks + 2 blocks of "
+                    f"{B}) for a cache larger than RAM, got {self.hot_tokens}")
         if self.sink_tokens > self.hot_capacity:
             raise ValueError(
                 f"CacheConfig.sink_tokens: expected at most hot_tokens={self.hot_capacity}, "
                 f"got {self.sink_tokens}")
+        if self.max_cold_bytes is not None:
+            fix("max_cold_bytes", _positive_int("max_cold_bytes", self.max_cold_bytes, allow_zero=True))
+        if self.recent_tokens is not None:
+            fix("recent_tokens", _positive_int("recent_tokens", self.recent_tokens, allow_zero=True))
+        for name in ("adaptive_recency_weight", "adaptive_frequency_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+                    or value == float("inf"):
+                raise ValueError(f"CacheConfig.{name}: expected a finite number >= 0, got {value!r}")
+            fix(name, float(value))
         if self.threads is not None:
             fix("threads", _positive_int("threads", self.threads))
         for name, allowed in (("dtype", DTYPES), ("eviction_policy", EVICTION_POLICIES)):
@@ -108,13 +157,48 @@ class CacheConfig:
         if self.cold_dir is not None and not isinstance(self.cold_dir, (str, os.PathLike)):
             raise TypeError(
                 f"CacheConfig.cold_dir: expected a path or None, got {type(self.cold_dir).__name__}")
-        if not isinstance(self.prefault, bool):
-            raise TypeError(f"CacheConfig.prefault: expected a bool, got {type(self.prefault).__name__}")
+        for name in ("prefault", "persist", "promote_on_read"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"CacheConfig.{name}: expected a bool, "
+                                f"got {type(getattr(self, name)).__name__}")
+        if self.persist and self.cold_dir is None:
+            raise ValueError("CacheConfig.persist: expected a cold_dir to persist to, got cold_dir=None")
 
     @property
     def hot_capacity(self) -> int:
         """Positions per layer held in RAM."""
         return self.max_seq_len if self.hot_tokens is None else self.hot_tokens
+
+    @property
+    def tiered(self) -> bool:
+        """True when part of the context may live in the cold tier."""
+        return self.hot_capacity < self.max_seq_len
+
+    @property
+    def sink_blocks(self) -> int:
+        """Blocks holding the sink positions (pinned in RAM)."""
+        return -(-self.sink_tokens // self.block_tokens)
+
+    @property
+    def n_blocks(self) -> int:
+        """Blocks per layer covering ``max_seq_len``."""
+        return -(-self.max_seq_len // self.block_tokens)
+
+    @property
+    def hot_slots(self) -> int:
+        """Blocks per layer the RAM arenas hold."""
+        return self.hot_capacity // self.block_tokens if self.tiered else self.n_blocks
+
+    @property
+    def recent_window(self) -> int:
+        """``recent_tokens``, or its default (a quarter of the hot tier)."""
+        return self.hot_capacity // 4 if self.recent_tokens is None else self.recent_tokens
+
+    @property
+    def fingerprint(self) -> dict:
+        """The fields a cold file must match to be read with this config."""
+        return {name: getattr(self, name)
+                for name in ("n_layers", "n_kv_heads", "head_dim", "dtype", "block_tokens")}
 
     @property
     def row_bytes(self) -> int:

@@ -13,7 +13,7 @@ class CacheFullError(KVCacheError, ValueError):
     """A store needs more positions than the cache can hold.
 
     Raised before anything is written: the cache keeps exactly what it held.
-    Until the cold tier lands, the limit is ``hot_tokens`` per layer.
+    The limits are ``max_seq_len`` positions per layer and ``max_cold_bytes``.
     """
 
 
@@ -22,7 +22,15 @@ class CacheClosedError(KVCacheError, ValueError):
 
 
 class CorruptionError(KVCacheError, OSError):
-    """Stored data failed its integrity check."""
+    """Stored data failed its integrity check (the message names file and block),
+    or a cold directory does not hold what its index says."""
 
 
-__all__ = ["KVCacheError", "CacheFullError", "CacheClosedError", "CorruptionError"]
+class ColdStoreError(KVCacheError, OSError):
+    """A cold file could not be created, written or read (disk full, permissions...).
+
+    The store that hit it stored nothing; every token stored before stays readable.
+    """
+
+
+__all__ = ["KVCacheError", "CacheFullError", "CacheClosedError", "CorruptionError", "ColdStoreError"]

@@ -84,15 +84,22 @@ class KVCacheMachine(RuleBasedStateMachine):
     """The cache and its model; every rule keeps them in step."""
 
     @initialize(head_dim=st.integers(3, 5), capacity=st.integers(4, 24),
-                spare=st.sampled_from([0, 0, 7]), threads=st.integers(1, 3))
-    def make_cache(self, head_dim, capacity, spare, threads):
+                threads=st.integers(1, 3), tiered=st.booleans(), block=st.integers(1, 4),
+                slots=st.integers(2, 4), sinks=st.integers(0, 2),
+                policy=st.sampled_from(["lru", "adaptive", "h2o"]))
+    def make_cache(self, head_dim, capacity, threads, tiered, block, slots, sinks, policy):
+        # tiered: a RAM budget of a few tiny blocks, so that evictions and
+        # promotions happen on almost every step.
         self.D = head_dim
-        self.cap = capacity
-        self.max_seq_len = capacity + spare  # spare > 0: the limit is hot_tokens
+        self.cap = capacity  # max_seq_len
+        hot = None
+        if tiered and (slots + -(-sinks // block)) * block < capacity:
+            hot = (slots + -(-sinks // block)) * block
+        self.max_seq_len = capacity
         self.cache = kvcache.TieredKVCache(
             n_layers=N_LAYERS, n_kv_heads=N_HEADS, head_dim=head_dim,
-            max_seq_len=self.max_seq_len, hot_tokens=capacity if spare else None,
-            threads=threads)
+            max_seq_len=self.max_seq_len, hot_tokens=hot, block_tokens=block,
+            sink_tokens=sinks if hot else 0, eviction_policy=policy, threads=threads)
         empty = np.empty((0, N_HEADS, head_dim), np.float32)
         self.keys = [empty.copy() for _ in range(N_LAYERS)]
         self.values = [empty.copy() for _ in range(N_LAYERS)]
@@ -285,6 +292,25 @@ class KVCacheMachine(RuleBasedStateMachine):
         self.assert_unchanged_after(IndexError, self.cache.get, N_LAYERS + layer)
         self.assert_unchanged_after(IndexError, self.cache.layer_len, -1 - layer)
 
+    @rule(layer=layers, start=positions, stop=positions)
+    def get_views(self, layer, start, stop):
+        expected = self.expected_range(layer, start, stop)
+        if not isinstance(expected, tuple):
+            return
+        a, b = expected
+        k, v = self.cache.get(layer, start, stop, copy=False)
+        assert not k.flags.writeable and not v.flags.writeable
+        assert np.array_equal(bits(k), bits(self.keys[layer][a:b]))
+        assert np.array_equal(bits(v), bits(self.values[layer][a:b]))
+        self.tokens_read += b - a
+
+    @rule(layer=layers, seed=seeds, reduced=st.booleans())
+    def update_scores(self, layer, seed, reduced):
+        n = len(self.keys[layer])
+        rng = np.random.default_rng(seed)
+        attn = rng.random((n,) if reduced else (2, 3, n), dtype=np.float32)
+        self.cache.update_scores(layer, attn)
+
     # -- invariants ---------------------------------------------------------
     @invariant()
     def contents_match(self):
@@ -304,15 +330,17 @@ class KVCacheMachine(RuleBasedStateMachine):
         assert [self.cache.layer_len(l) for l in range(N_LAYERS)] == lens
         assert self.cache.seq_len == min(lens)
         assert all(n <= self.cap for n in lens)
-        assert self.cache.stats() == {
-            "tokens_stored": self.tokens_stored,
-            "bytes_stored": 2 * self.row_bytes * self.tokens_stored,
-            "tokens_read": self.tokens_read,
-            "bytes_read": 2 * self.row_bytes * self.tokens_read,
-            "hot_hits": self.tokens_read,
-            "cold_hits": 0,
-            "evictions": 0,
-        }
+        stats = self.cache.stats()
+        assert stats["tokens_stored"] == self.tokens_stored
+        assert stats["bytes_stored"] == 2 * self.row_bytes * self.tokens_stored
+        assert stats["tokens_read"] == self.tokens_read
+        assert stats["bytes_read"] == 2 * self.row_bytes * self.tokens_read
+        assert stats["hot_hits"] + stats["cold_hits"] == self.tokens_read
+        on_disk = sum(row[1] for l in range(N_LAYERS) for row in self.cache._hot_tier().block_table(l)[1])
+        assert stats["cold_bytes_on_disk"] == 2 * self.row_bytes * on_disk
+        hot = self.cache._hot_tier()
+        for l in range(N_LAYERS):
+            assert len(hot._debug_hot_blocks(l)) <= hot.capacity // self.cache.config.block_tokens
 
 
 KVCacheMachine.TestCase.settings = settings(

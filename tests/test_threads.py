@@ -96,7 +96,13 @@ def expected_stats(row_bytes, stored, read):
         "hot_hits": read,
         "cold_hits": 0,
         "evictions": 0,
+        **NO_COLD_TRAFFIC,
     }
+
+
+# An all-in-RAM cache never touches the cold tier.
+NO_COLD_TRAFFIC = dict.fromkeys(["eviction_blocks", "promotions", "promotion_blocks", "bytes_to_cold",
+                                 "bytes_from_cold", "cold_bytes_on_disk"], 0)
 
 
 # ---------------------------------------------------------------------------

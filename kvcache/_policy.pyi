@@ -1,0 +1,3 @@
+from typing import Dict
+
+POLICIES: Dict[str, int]

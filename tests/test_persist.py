@@ -1,0 +1,210 @@
+"""Persistence: flush, close and reopen in a later process; crash survival; foreign files."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import kvcache
+from conftest import SHAPE, rows
+
+L = SHAPE["n_layers"]
+
+
+def make(d, **kw):
+    args = dict(max_seq_len=200, hot_tokens=16, block_tokens=4, cold_dir=d, persist=True, **SHAPE)
+    args.update(kw)
+    return kvcache.TieredKVCache(**args)
+
+
+def assert_layer(c, l, k, v):
+    gk, gv = c.get(l)
+    assert gk.tobytes() == k.tobytes() and gv.tobytes() == v.tobytes()
+
+
+def test_close_flushes_and_open_restores_every_token(tmp_path):
+    d = tmp_path / "c"
+    k, v = rows(50, layers=L, seed=1), rows(50, layers=L, seed=2)
+    with make(d) as c:
+        c.store_layers(k, v)
+        c.store(1, rows(3, seed=3), rows(3, seed=4))  # layers may differ in length
+    with kvcache.TieredKVCache.open(d) as c:
+        assert c.seq_len == 50 and c.layer_len(1) == 53
+        assert c.config.hot_tokens == 16 and c.config.block_tokens == 4 and c.config.persist
+        assert c.nbytes == 2 * L * 16 * SHAPE["n_kv_heads"] * SHAPE["head_dim"] * 4
+        for l in (0, 2):
+            assert_layer(c, l, k[l], v[l])
+        assert_layer(c, 1, np.concatenate([k[1], rows(3, seed=3)]), np.concatenate([v[1], rows(3, seed=4)]))
+        # the tail block comes back to RAM when a store continues it
+        c.store_layers(rows(2, layers=L, seed=5), rows(2, layers=L, seed=6))
+        assert_layer(c, 0, np.concatenate([k[0], rows(2, layers=L, seed=5)[0]]),
+                     np.concatenate([v[0], rows(2, layers=L, seed=6)[0]]))
+    with kvcache.TieredKVCache.open(d, hot_tokens=None) as c:  # now all in RAM
+        assert c.seq_len == 52 and not c.config.tiered
+        assert_layer(c, 2, np.concatenate([k[2], rows(2, layers=L, seed=5)[2]]),
+                     np.concatenate([v[2], rows(2, layers=L, seed=6)[2]]))
+
+
+def test_only_flushed_positions_survive_a_lost_process(tmp_path):
+    d = tmp_path / "c"
+    code = textwrap.dedent(f"""
+        import os, numpy as np, kvcache
+        c = kvcache.TieredKVCache(n_layers={L}, n_kv_heads={SHAPE['n_kv_heads']},
+            head_dim={SHAPE['head_dim']}, max_seq_len=200, hot_tokens=16, block_tokens=4,
+            cold_dir={str(d)!r}, persist=True)
+        c.store_layers(np.ones(({L}, 30, {SHAPE['n_kv_heads']}, {SHAPE['head_dim']}), np.float32),
+                       np.ones(({L}, 30, {SHAPE['n_kv_heads']}, {SHAPE['head_dim']}), np.float32))
+        c.flush()
+        c.store_layers(np.zeros(({L}, 7, {SHAPE['n_kv_heads']}, {SHAPE['head_dim']}), np.float32),
+                       np.zeros(({L}, 7, {SHAPE['n_kv_heads']}, {SHAPE['head_dim']}), np.float32))
+        os._exit(0)  # no close, no flush
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with kvcache.TieredKVCache.open(d) as c:
+        assert c.seq_len == 30
+        assert (c.get(0)[0] == 1).all()
+
+
+def test_truncate_below_the_flushed_length_is_made_durable(tmp_path):
+    d = tmp_path / "c"
+    k, v = rows(40, layers=L, seed=1), rows(40, layers=L, seed=2)
+    c = make(d)
+    c.store_layers(k, v)
+    c.flush()
+    c.truncate(10)
+    k2, v2 = rows(20, layers=L, seed=3), rows(20, layers=L, seed=4)
+    c.store_layers(k2, v2)  # overwrites positions 10.. in the files
+    c._hot_tier().close()  # simulate a crash: no flush at close
+    c.close()
+    with kvcache.TieredKVCache.open(d) as c:
+        assert c.seq_len == 10  # the truncate was flushed; the later stores were not
+        assert_layer(c, 0, k[0, :10], v[0, :10])
+
+
+def test_open_rejects_a_config_that_does_not_match(tmp_path):
+    d = tmp_path / "c"
+    with make(d) as c:
+        c.store_layers(rows(5, layers=L), rows(5, layers=L))
+    with pytest.raises(ValueError, match="holds head_dim=5, got head_dim=8"):
+        kvcache.TieredKVCache.open(d, head_dim=8)
+    with pytest.raises(ValueError, match="holds block_tokens=4, got block_tokens=8"):
+        kvcache.TieredKVCache.open(d, block_tokens=8)
+    with pytest.raises(ValueError, match="max_seq_len=3 is below the 5 positions"):
+        kvcache.TieredKVCache.open(d, max_seq_len=3)
+    with pytest.raises(TypeError, match="unknown config fields"):
+        kvcache.TieredKVCache.open(d, colour="red")
+    with kvcache.TieredKVCache.open(d, head_dim=5, eviction_policy="h2o") as c:
+        assert c.seq_len == 5 and c.config.eviction_policy == "h2o"
+
+
+def test_a_new_cache_refuses_a_persisted_directory(tmp_path):
+    d = tmp_path / "c"
+    with make(d) as c:
+        c.store_layers(rows(5, layers=L), rows(5, layers=L))
+    with pytest.raises(FileExistsError, match="TieredKVCache.open"):
+        make(d)
+    with kvcache.TieredKVCache.open(d) as c:
+        assert c.seq_len == 5
+
+
+def test_missing_and_foreign_directories(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such cache directory"):
+        kvcache.TieredKVCache.open(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="not a persisted kvcache directory"):
+        kvcache.TieredKVCache.open(tmp_path)
+    (tmp_path / "index.json").write_text("{}\n0\n")
+    with pytest.raises(kvcache.CorruptionError, match="corrupt cache index"):
+        kvcache.TieredKVCache.open(tmp_path)
+
+
+def test_damaged_files_are_detected_at_open_or_on_read(tmp_path):
+    d = tmp_path / "c"
+    k, v = rows(30, layers=L, seed=1), rows(30, layers=L, seed=2)
+    with make(d) as c:
+        c.store_layers(k, v)
+    # a header from another layer
+    keys0, keys1 = d / "layer0000.keys", d / "layer0001.keys"
+    h0, h1 = keys0.read_bytes()[:4096], keys1.read_bytes()[:4096]
+    with open(keys0, "r+b") as f:
+        f.write(h1)
+    with pytest.raises(kvcache.CorruptionError, match="holds keys of layer 1, expected keys of layer 0"):
+        kvcache.TieredKVCache.open(d)
+    with open(keys0, "r+b") as f:
+        f.write(h0)
+    # a file shorter than the index says (the tail lost)
+    size = os.path.getsize(d / "layer0002.values")
+    os.truncate(d / "layer0002.values", size - 1)
+    with pytest.raises(kvcache.CorruptionError, match="the index needs"):
+        kvcache.TieredKVCache.open(d)
+    with open(d / "layer0002.values", "ab") as f:
+        f.write(b"\x00")  # right size, wrong last byte
+    with kvcache.TieredKVCache.open(d) as c:
+        assert_layer(c, 0, k[0], v[0])
+        with pytest.raises(kvcache.CorruptionError, match="block 7 .*layer 2"):
+            c.get(2)
+    # the index itself edited by hand
+    idx = d / "index.json"
+    body, crc, _ = idx.read_text().rsplit("\n", 2)
+    data = json.loads(body)
+    data["layers"][0]["length"] = 31
+    idx.write_text(json.dumps(data) + "\n" + crc + "\n")
+    with pytest.raises(kvcache.CorruptionError, match="corrupt cache index"):
+        kvcache.TieredKVCache.open(d)
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np, kvcache
+    d, H, D, L = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    def tok(p):  # position p's keys for every layer, reproducible
+        rng = np.random.default_rng(p)
+        return rng.standard_normal((L, 1, H, D), dtype=np.float32)
+    c = kvcache.TieredKVCache(n_layers=L, n_kv_heads=H, head_dim=D, max_seq_len=100000,
+                              hot_tokens=16, block_tokens=4, cold_dir=d, persist=True)
+    p = 0
+    while True:
+        for _ in range(int(np.random.default_rng(p + 7).integers(1, 9))):
+            k = tok(p)
+            c.store_layers(k, -k)
+            p += 1
+        c.flush()
+        print(p, flush=True)
+""")
+
+
+def flush_points(limit):
+    """The lengths WRITER flushes at, in order (its chunk sizes are seeded)."""
+    p, points = 0, []
+    while p < limit:
+        p += int(np.random.default_rng(p + 7).integers(1, 9))
+        points.append(p)
+    return points
+
+
+def test_sigkill_at_random_moments_leaves_a_flushed_prefix(tmp_path):
+    rng = np.random.default_rng(2026)
+    H, D = SHAPE["n_kv_heads"], SHAPE["head_dim"]
+    for trial in range(20):
+        d = tmp_path / f"c{trial}"
+        with subprocess.Popen([sys.executable, "-c", WRITER, str(d), str(H), str(D), str(L)],
+                              stdout=subprocess.PIPE, text=True) as proc:
+            first = proc.stdout.readline()  # at least one flush happened
+            assert first.strip()
+            time.sleep(float(rng.uniform(0, 0.15)))
+            proc.send_signal(signal.SIGKILL)
+            flushed = [int(first)] + [int(x) for x in proc.stdout.read().split()]
+        with kvcache.TieredKVCache.open(d) as c:
+            n = c.seq_len
+            # exactly a flushed prefix: the last reported flush, or one that
+            # completed before its line was printed
+            assert n >= flushed[-1] and n in flush_points(n), (n, flushed[-1])
+            assert [c.layer_len(l) for l in range(L)] == [n] * L
+            for l in range(L):
+                k, v = c.get(l)
+                want = np.concatenate([np.random.default_rng(p).standard_normal(
+                    (L, 1, H, D), dtype=np.float32)[l] for p in range(n)])
+                assert k.tobytes() == want.tobytes() and v.tobytes() == (-want).tobytes()
