@@ -706,7 +706,7 @@ cdef class HotTier:
         return n, rows
 
     def restore(self, Py_ssize_t layer, Py_ssize_t length, list disk_rows, list crc_k, list crc_v):
-        """Reopen: a layer's length and its blocks, all cold (RAM refills lazily)."""
+        """Reopen: a layer's length and its blocks, cold but for the sinks (RAM refills lazily)."""
         cdef HotLayer *L = &self.t.layers[layer]
         cdef Py_ssize_t b, total = 0
         if length > self.t.max_len or len(disk_rows) != (length + self.t.block_tokens - 1) // self.t.block_tokens:
@@ -727,14 +727,17 @@ cdef class HotTier:
         kvc_stats_add(self.t.stats, KVC_STAT_ROWS_HELD, length)
         kvc_stats_add(self.t.stats, KVC_STAT_COLD_BYTES, 2 * total * self.t.row_bytes)
         cdef int status = KVC_OK
-        if not self.t.tiered:
-            with nogil:
-                kvc_lock_acquire(&L.lock)
-                for b in range((length + self.t.block_tokens - 1) // self.t.block_tokens):
-                    status = _load(&self.t, L, b, length)
-                    if status != KVC_OK:
-                        break
-                kvc_lock_release(&L.lock)
+        # Blocks that never leave RAM come back now: everything when the whole
+        # context fits, else the sink blocks.
+        cdef Py_ssize_t eager = len(disk_rows) if not self.t.tiered else min(len(disk_rows),
+                                                                              self.t.policy.sink_blocks)
+        with nogil:
+            kvc_lock_acquire(&L.lock)
+            for b in range(eager):
+                status = _load(&self.t, L, b, length)
+                if status != KVC_OK:
+                    break
+            kvc_lock_release(&L.lock)
         return status
 
     def _debug_arenas(self):

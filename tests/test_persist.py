@@ -50,6 +50,18 @@ def test_close_flushes_and_open_restores_every_token(tmp_path):
                      np.concatenate([v[2], rows(2, layers=L, seed=6)[2]]))
 
 
+@pytest.mark.parametrize("policy", ["lru", "adaptive", "h2o"])
+def test_sinks_are_back_in_ram_after_open_the_rest_comes_lazily(tmp_path, policy):
+    d = tmp_path / "c"
+    with make(d, sink_tokens=5, eviction_policy=policy) as c:
+        c.store_layers(rows(40, layers=L), rows(40, layers=L))
+    with kvcache.TieredKVCache.open(d) as c:
+        assert c._hot_tier()._debug_hot_blocks(0) == [0, 1]     # the sink blocks
+        assert c.stats()["promotion_blocks"] == 2 * L
+        c.store_layers(rows(30, layers=L), rows(30, layers=L))  # push other blocks through RAM
+        assert c._hot_tier()._debug_hot_blocks(0)[:2] == [0, 1]
+
+
 def test_only_flushed_positions_survive_a_lost_process(tmp_path):
     d = tmp_path / "c"
     code = textwrap.dedent(f"""
