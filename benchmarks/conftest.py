@@ -64,9 +64,12 @@ def kv_inputs():
     return get
 
 
+FILE_ORDER = {"test_store.py": 0, "test_get.py": 1, "test_cold.py": 2}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Stores first, reads last, so the summary table reads in the README's order."""
-    items.sort(key=lambda item: item.path.name == "test_get.py")
+    """Stores, then reads, then the cold tier, so the summary table reads in the README's order."""
+    items.sort(key=lambda item: FILE_ORDER.get(item.path.name, len(FILE_ORDER)))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -88,7 +91,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_sep("=", "kvcache benchmarks: project vs baseline (ratio = baseline time / project time)")
     tr.write_line(f"token = {_bench.TOKEN_BYTES // 1024} KiB ({_bench.N_LAYERS} layers x "
                   f"{_bench.N_HEADS} heads x {_bench.HEAD_DIM} x float32 x K+V); "
-                  f"{meta['cores']} cores, SIMD auto = {meta['simd_auto']}; medians of interleaved rounds")
+                  f"{meta['cores']} cores, SIMD auto = {meta['simd_auto']}; medians of interleaved rounds "
+                  f"(means where a row says so)")
     for line in lines:
         tr.write_line(line)
     try:

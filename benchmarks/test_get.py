@@ -1,7 +1,7 @@
 """Read benchmark: get() of each layer's whole context into preallocated outputs."""
 import numpy as np
 
-from _bench import HEAD_DIM, N_HEADS, N_LAYERS, Side, measure
+from _bench import measure, whole_context_sides
 
 CONTEXT = 1024  # positions per layer: 8 MiB of keys and values per get, 256 MiB a step
 
@@ -15,27 +15,12 @@ def test_get_whole_context(benchmark, fresh_cache, numpy_cache, kv_inputs):
         cache.store_layers(k, v)
         numpy_cache.store_batch(list(k), list(v), 256)
     assert cache.seq_len == CONTEXT and numpy_cache.pos == CONTEXT
-    ko = np.empty((CONTEXT, N_HEADS, HEAD_DIM), np.float32)
-    vo = np.empty_like(ko)
-    out = (ko, vo)
-    get = cache.get
-    kc = [a[:CONTEXT] for a in numpy_cache.k]
-    vc = [a[:CONTEXT] for a in numpy_cache.v]
-
-    def proj():
-        for l in range(N_LAYERS):
-            get(l, 0, None, out=out)
-
-    def numpy_copy():
-        for l in range(N_LAYERS):
-            np.copyto(ko, kc[l])
-            np.copyto(vo, vc[l])
-
+    proj, numpy_copy, out = whole_context_sides(cache, numpy_cache, CONTEXT)
+    ko, vo = out
     try:
         measure(benchmark, name=f"get whole context ({CONTEXT} pos) x32 layers",
-                proj=Side("kvcache", proj, CONTEXT),
-                baselines=[Side("numpy copy", numpy_copy, CONTEXT)])
-        get(5, 0, None, out=out)
+                proj=proj, baselines=[numpy_copy])
+        cache.get(5, 0, None, out=out)
         np.testing.assert_array_equal(ko[-256:], k[5])
         np.testing.assert_array_equal(vo[:256], v[5])
     finally:

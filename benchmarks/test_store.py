@@ -3,29 +3,13 @@
 Each step stores whole tokens (every layer's keys and values); see _bench.py
 for the harness and the baselines.
 """
-import numpy as np
 import pytest
 
 import kvcache
-from _bench import CORES, clock, N_LAYERS, CacheArena, LimitBuffer, Side, measure
+from _bench import (CORES, LIMIT, clock, N_LAYERS, CacheArena, Side, check_stored, limit_side,
+                    measure)
 
 NUMPY = "numpy cache"
-LIMIT = "limit (np.copyto)"
-
-
-def _limit_side(limit: LimitBuffer, k, v, tokens):
-    kflat, vflat = k.reshape(-1), v.reshape(-1)
-    assert kflat.base is not None and vflat.base is not None  # views, no copy
-    return Side(LIMIT, lambda: limit.store(kflat, vflat, tokens), tokens, limit)
-
-
-def _check_stored(cache, k, v, tokens):
-    """The cache really holds the inputs (a benchmark of a no-op is worthless)."""
-    n = cache.layer_len(N_LAYERS - 1)
-    assert n >= tokens
-    ko, vo = cache.get(N_LAYERS - 1, n - tokens, n)
-    np.testing.assert_array_equal(ko, k[N_LAYERS - 1, -tokens:])
-    np.testing.assert_array_equal(vo, v[N_LAYERS - 1, -tokens:])
 
 
 @pytest.mark.parametrize("tokens", [1, 4, 8, 16, 32, 256])
@@ -45,9 +29,9 @@ def test_store_batch(benchmark, fresh_cache, numpy_cache, limit_buffer, kv_input
         proj=Side("kvcache", proj, tokens, CacheArena(cache)),
         baselines=[
             Side(NUMPY, lambda: numpy_cache.store_batch(ks, vs, tokens), tokens, numpy_cache),
-            _limit_side(limit_buffer, k, v, tokens),
+            limit_side(limit_buffer, k, v, tokens),
         ])
-    _check_stored(cache, k, v, tokens)
+    check_stored(cache, k, v, tokens)
 
 
 def test_decode_store_per_layer(benchmark, fresh_cache, numpy_cache, kv_inputs):
@@ -66,7 +50,7 @@ def test_decode_store_per_layer(benchmark, fresh_cache, numpy_cache, kv_inputs):
         proj=Side("kvcache", proj, 1, CacheArena(cache)),
         baselines=[Side(NUMPY, lambda: numpy_cache.store_one(ks, vs), 1, numpy_cache)],
         targets={NUMPY: 1.5})
-    _check_stored(cache, k, v, 1)
+    check_stored(cache, k, v, 1)
 
 
 @pytest.mark.parametrize("phase,tokens,target", [("prefill", 256, 1.05), ("decode", 1, 0.85)],
@@ -78,9 +62,9 @@ def test_store_layers_vs_limit(benchmark, fresh_cache, limit_buffer, kv_inputs, 
     measure(
         benchmark, name=f"{phase} store_layers T={tokens} threads={cache.threads}",
         proj=Side("kvcache", lambda: cache.store_layers(k, v), tokens, CacheArena(cache)),
-        baselines=[_limit_side(limit_buffer, k, v, tokens)],
+        baselines=[limit_side(limit_buffer, k, v, tokens)],
         targets={LIMIT: target})
-    _check_stored(cache, k, v, tokens)
+    check_stored(cache, k, v, tokens)
 
 
 def _spin(seconds):
@@ -101,13 +85,13 @@ def test_decode_store_layers_cadence(benchmark, fresh_cache, limit_buffer, kv_in
     cache = fresh_cache
     k, v = kv_inputs(1)
     work = _spin(CALLER_WORK_S)
-    limit = _limit_side(limit_buffer, k, v, 1)
+    limit = limit_side(limit_buffer, k, v, 1)
     limit.enter = work
     measure(
         benchmark, name=f"decode store_layers T=1 threads={cache.threads}, 1 ms work between",
         proj=Side("kvcache", lambda: cache.store_layers(k, v), 1, CacheArena(cache), enter=work),
         baselines=[limit], budget_s=3.0)
-    _check_stored(cache, k, v, 1)
+    check_stored(cache, k, v, 1)
 
 
 @pytest.mark.skipif(CORES < 2, reason="needs at least 2 cores")
@@ -130,7 +114,7 @@ def test_store_layers_threads(benchmark, fresh_cache, kv_inputs, tokens):
         proj=Side("kvcache", step, tokens, arena, enter=set_threads(CORES)),
         baselines=[Side("threads=1", step, tokens, arena, enter=set_threads(1),
                         exit=set_threads(CORES))])
-    _check_stored(cache, k, v, tokens)
+    check_stored(cache, k, v, tokens)
 
 
 @pytest.mark.parametrize("tokens", [1, 256])
@@ -152,4 +136,4 @@ def test_simd_vs_scalar(benchmark, fresh_cache, kv_inputs, tokens):
     finally:
         kvcache.set_simd_backend("auto")
     assert kvcache.simd_backend() == auto
-    _check_stored(cache, k, v, tokens)
+    check_stored(cache, k, v, tokens)
