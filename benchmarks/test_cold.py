@@ -89,7 +89,9 @@ def test_spill_store_layers(benchmark, tiered_cache, limit_buffer, kv_inputs, ph
         proj=Side("kvcache", lambda: cache.store_layers(k, v), tokens,
                   SpillArena(cache, *kv_inputs(BLOCK))),
         baselines=[limit_side(limit_buffer, k, v, tokens)],
-        targets={LIMIT: 0.6}, stat="mean",
+        # The issue's spill target, read like #2's store_layers target: prefill
+        # steps.  Decode is reported beside it (README: what bounds it).
+        targets={LIMIT: 0.6} if tokens == BLOCK else {}, stat="mean",
         # decode: one refill cycle of steps (COLD, a multiple of BLOCK: one evicting
         # step in BLOCK whatever the phase)
         rounds=COLD if tokens < BLOCK else None)

@@ -285,6 +285,21 @@ cdef int append_locked(Tier *t, HotLayer *L, Py_ssize_t n,
     kvc_stats_add(t.stats, KVC_STAT_BYTES_STORED, 2 * n * rb)
     return KVC_OK
 
+cdef bint _moves_blocks(Tier *t, Py_ssize_t n) noexcept nogil:
+    """Whether appending n rows to every layer may evict or promote (block-sized I/O
+    per layer: worth the thread pool even for a one-token step)."""
+    cdef Py_ssize_t l, b, B = t.block_tokens
+    cdef HotLayer *L
+    if not t.tiered:
+        return False
+    for l in range(t.n_layers):
+        L = &t.layers[l]
+        for b in range(L.length // B, (L.length + n + B - 1) // B):
+            if L.blocks[b].slot < 0:
+                return True
+    return False
+
+
 cdef struct AppendJob:
     # One store_layers call, shared by the pool threads: task l stores layer l.
     Tier *tier
@@ -515,7 +530,7 @@ cdef class HotTier:
             job.n = n
             job.k, job.k_layer_step, job.k_step = k, k_layer_step, k_step
             job.v, job.v_layer_step, job.v_step = v, v_layer_step, v_step
-            if 2 * n * self.t.n_layers * self.t.row_bytes < PARALLEL_MIN_BYTES:
+            if 2 * n * self.t.n_layers * self.t.row_bytes < PARALLEL_MIN_BYTES and not _moves_blocks(&self.t, n):
                 threads = 1
             self.last_threads = kvc_pool_run(threads, self.t.n_layers, append_task, &job)
             for l in range(self.t.n_layers):

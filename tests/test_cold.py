@@ -252,3 +252,14 @@ def test_threads_store_and_read_across_tiers_exactly():
     for l in range(n_layers):
         assert 0 in c._hot_tier()._debug_hot_blocks(l)  # the sink block never left
     c.close()
+
+
+def test_a_decode_step_that_evicts_runs_on_the_pool():
+    # One token is far below the parallel threshold, but the step that starts a
+    # block writes a block of every layer to disk: worth the threads.
+    with tiered(threads=2) as c:
+        fill(c, 16)
+        c.store_layers(rows(1, layers=L), rows(1, layers=L))   # block 4: evicts block 0 everywhere
+        assert c._hot_tier().last_threads == 2
+        c.store_layers(rows(1, layers=L), rows(1, layers=L))   # inside block 4: nothing moves
+        assert c._hot_tier().last_threads == 1
