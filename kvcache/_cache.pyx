@@ -15,6 +15,7 @@ from kvcache._arrays cimport as_array, check_rows
 from kvcache._ckvc cimport KVC_OK, KVC_E_FULL, KVC_E_RANGE, KVC_E_IO, KVC_E_CORRUPT
 from kvcache._hot cimport HotTier
 from kvcache._hot import STAT_NAMES
+from kvcache._cold cimport HEADER_BYTES
 from kvcache._cold import ColdStore, INDEX_CONFIG_FIELDS, read_index
 from kvcache._simd cimport simd_ops
 from kvcache._status cimport check_status
@@ -95,7 +96,7 @@ cdef class TieredKVCache:
         for l, entry in enumerate(index["layers"]):
             length = entry["length"]
             sizes = self.cold.file_sizes(l)
-            need = 4096 + length * c.row_bytes
+            need = HEADER_BYTES + length * c.row_bytes
             for kind in range(2):
                 if sizes[kind] < need:
                     raise CorruptionError(0, f"cold file holds {sizes[kind]} bytes; the index needs "

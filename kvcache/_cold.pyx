@@ -133,7 +133,14 @@ def _check_header(path, data, config, int kind, int layer):
                                              f"expected {KINDS[kind]} of layer {layer}", path)
 
 
-def _remove(path, created_dir, names):
+def _release(fds, path, created_dir, names):
+    """Close a store's files; remove the scratch ones (and a private directory)."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
     if created_dir:
         shutil.rmtree(path, ignore_errors=True)
         return
@@ -169,8 +176,9 @@ class ColdStore:
             if not existing:
                 created_dir = self._prepare_dir()
         names = [self.file_name(l, kind) for l in range(config.n_layers) for kind in range(2)]
-        # Scratch files go when the store does, however it goes (close, GC, exit).
-        self._finalizer = weakref.finalize(self, _remove, self.path,
+        # Files are closed, and scratch files removed, when the store goes, however
+        # it goes (close, garbage collection, interpreter exit).
+        self._finalizer = weakref.finalize(self, _release, self.fds, self.path,
                                            created_dir and not config.persist,
                                            [] if config.persist else names)
         try:
@@ -288,12 +296,6 @@ class ColdStore:
 
     def close(self):
         """Close the files; scratch files (and a private directory) are removed."""
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.fds = []
         self.maps = []  # views handed out keep their mapping alive
         self._finalizer()
 

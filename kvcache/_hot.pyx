@@ -14,9 +14,8 @@ while a lock is taken, a byte is copied or a file is written.  Methods
 return ``kvc_status`` codes; ``kvcache._status.check_status`` turns them
 into exceptions.
 """
-from libc.stdint cimport int32_t, uint32_t, uint64_t, UINT64_MAX
+from libc.stdint cimport int32_t, uint64_t, UINT64_MAX
 from libc.stdlib cimport calloc, free
-from libc.string cimport memset
 from cpython.pyport cimport PY_SSIZE_T_MAX
 
 from kvcache._ckvc cimport (

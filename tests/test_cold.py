@@ -163,6 +163,7 @@ def test_cold_files_have_a_header_and_private_permissions(tmp_path):
 
 
 def test_private_temporary_directory_is_removed_on_close_and_gc():
+    fds = len(os.listdir("/proc/self/fd"))
     c = tiered()
     fill(c, 30)
     path = c._cold_dir()
@@ -175,6 +176,7 @@ def test_private_temporary_directory_is_removed_on_close_and_gc():
     del c
     gc.collect()
     assert not os.path.exists(path)
+    assert len(os.listdir("/proc/self/fd")) == fds  # every cold file closed
 
 
 def test_cold_dir_must_be_empty_or_absent(tmp_path):
