@@ -36,10 +36,36 @@
  * acc, in that order for every column: vertical adds only, never reassociated,
  * so every path gives the scalar result to the bit.  acc and rows are aligned
  * to 4 bytes and do not overlap.
+ *
+ * Conversions, kvc_<from>_to_<to>_<isa>(dst, src, n): n elements, dst and src
+ * aligned to their element size and not overlapping.  The scalar variants
+ * define the results and every other path gives them to the bit, NaN payloads
+ * included (the hardware conversions quiet signalling NaNs, and AVX-512 BF16
+ * reads denormals as zero: a vector holding such a lane is redone in scalar).
+ *   f32 -> f16   round to nearest even, as numpy's astype(float16): overflow
+ *                to inf, subnormal halves, a NaN keeps the top 10 bits of its
+ *                payload (0x7c00 | mant >> 13, made 0x7c01 if that is inf).
+ *   f16 -> f32   exact; a NaN's payload is shifted, not quieted (numpy).
+ *   f32 -> bf16  round to nearest even, subnormals kept, as ml_dtypes'
+ *                bfloat16: every NaN becomes the quiet NaN 0x7fc0, sign kept.
+ *   bf16 -> f32  the bits shifted up by 16.
+ *
+ * kvc_quant_i8_<isa>(dst, scales, src, n_groups, group) quantizes n_groups
+ * groups of `group` floats (one token's head) to int8 with one scale each:
+ *   scale = max|x| / 127.0f, q = rint(x / scale) clamped to [-127, 127],
+ * float32 divisions, rint in the current rounding mode (nearest even by
+ * default).  A scale of 0 (all zeros, or max|x| so small that it underflows)
+ * gives q = 0.  A group holding an inf or a NaN gets scale NaN (0x7fc00000)
+ * and q = 0: it dequantizes to NaN.  kvc_dequant_i8_<isa> gives
+ * x' = (float)q * scale.  For a normal scale, |x - x'| <= scale / 2 up to the
+ * roundings of x / scale and q * scale (scale * 2^-16 in all); a subnormal or
+ * zero scale adds at most 64 * 2^-149 (the clamp, the underflow).  Only a
+ * group whose max|x| is FLT_MAX misses it: 127 * scale rounds up to inf.
  */
 #ifndef KVC_SIMD_H
 #define KVC_SIMD_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -77,6 +103,14 @@ typedef void (*kvc_copy_fn)(void *dst, const void *src, size_t n);
 typedef uint32_t (*kvc_crc32c_fn)(uint32_t crc, const void *buf, size_t n);
 typedef void (*kvc_add_rows_fn)(float *acc, const float *rows, size_t n_rows, size_t n_cols,
                                 size_t row_stride);
+typedef void (*kvc_cvt_fn)(void *dst, const void *src, size_t n); /* n elements */
+typedef void (*kvc_quant_fn)(int8_t *dst, float *scales, const float *src, size_t n_groups,
+                             size_t group);
+typedef void (*kvc_dequant_fn)(float *dst, const int8_t *src, const float *scales,
+                               size_t n_groups, size_t group);
+
+/* The conversions, as kvc_simd_cvt_fn() numbers them. */
+enum { KVC_CVT_F32_F16, KVC_CVT_F16_F32, KVC_CVT_F32_BF16, KVC_CVT_BF16_F32, KVC_N_CVT };
 
 /* Below this, streaming stores lose: partly filled write-combining buffers
  * and a fence cost more than the read-for-ownership they save. */
@@ -177,6 +211,157 @@ static inline uint32_t kvc_crc32c_scalar(uint32_t crc, const void *buf, size_t n
     return ~crc;
 }
 
+static inline uint32_t kvc_f32_bits(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return u;
+}
+
+static inline float kvc_bits_f32(uint32_t u)
+{
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* v >> k rounded to nearest, ties to even; the carry may run into the
+ * exponent bits above, which is the right result (up to inf). */
+static inline uint32_t kvc_rne_shift(uint32_t v, unsigned k)
+{
+    return (v + (1u << (k - 1)) - 1u + ((v >> k) & 1u)) >> k;
+}
+
+/* numpy's npy_floatbits_to_halfbits, as exact rounding instead of its
+ * shifted-out-bits bookkeeping. */
+static inline uint16_t kvc_f32_to_f16_bits(uint32_t f)
+{
+    uint16_t sign = (uint16_t)((f >> 16) & 0x8000u);
+    uint32_t a = f & 0x7fffffffu;
+    if (a > 0x7f800000u) {
+        uint16_t h = (uint16_t)(0x7c00u | (a & 0x007fffffu) >> 13);
+        return sign | (h == 0x7c00u ? 0x7c01u : h);
+    }
+    if (a >= 0x47800000u) return sign | 0x7c00u;  /* 2^16 or more: inf */
+    if (a >= 0x38800000u)                         /* 2^-14 or more: a normal half */
+        return sign | (uint16_t)kvc_rne_shift(a - 0x38000000u, 13);
+    if (a < 0x33000000u) return sign;             /* 2^-25 or less: zero */
+    uint32_t k = 126 - (a >> 23);                 /* subnormal half: units of 2^-24 */
+    return sign | (uint16_t)kvc_rne_shift(0x00800000u | (a & 0x007fffffu), k);
+}
+
+static inline uint32_t kvc_f16_to_f32_bits(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, a = h & 0x7fffu;
+    if (a >= 0x7c00u) return sign | 0x7f800000u | (a & 0x3ffu) << 13;
+    if (a >= 0x0400u) return sign | (a + 0x1c000u) << 13; /* exponent bias 15 -> 127 */
+    if (a == 0) return sign;
+    uint32_t e = 113; /* a subnormal half, normalised */
+    for (; !(a & 0x0400u); a <<= 1) e--;
+    return sign | e << 23 | (a & 0x3ffu) << 13;
+}
+
+static inline uint16_t kvc_f32_to_bf16_bits(uint32_t f)
+{
+    if ((f & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(((f >> 16) & 0x8000u) | 0x7fc0u);
+    return (uint16_t)kvc_rne_shift(f, 16);
+}
+
+/* The scalar conversions are integer code, f16 subnormals included: the
+ * vector paths call them for their tails and for the vectors they redo, and
+ * SSE instructions called from AVX code would pay for the upper halves of
+ * the registers left dirty. */
+KVC_SCALAR_FN
+static inline void kvc_f32_to_f16_scalar(void *dst, const void *src, size_t n)
+{
+    uint16_t *d = (uint16_t *)dst;
+    const uint32_t *s = (const uint32_t *)src;
+    KVC_SCALAR_LOOP
+    for (size_t i = 0; i < n; i++) d[i] = kvc_f32_to_f16_bits(s[i]);
+}
+
+KVC_SCALAR_FN
+static inline void kvc_f16_to_f32_scalar(void *dst, const void *src, size_t n)
+{
+    uint32_t *d = (uint32_t *)dst;
+    const uint16_t *s = (const uint16_t *)src;
+    KVC_SCALAR_LOOP
+    for (size_t i = 0; i < n; i++) d[i] = kvc_f16_to_f32_bits(s[i]);
+}
+
+KVC_SCALAR_FN
+static inline void kvc_f32_to_bf16_scalar(void *dst, const void *src, size_t n)
+{
+    uint16_t *d = (uint16_t *)dst;
+    const uint32_t *s = (const uint32_t *)src;
+    KVC_SCALAR_LOOP
+    for (size_t i = 0; i < n; i++) d[i] = kvc_f32_to_bf16_bits(s[i]);
+}
+
+KVC_SCALAR_FN
+static inline void kvc_bf16_to_f32_scalar(void *dst, const void *src, size_t n)
+{
+    uint32_t *d = (uint32_t *)dst;
+    const uint16_t *s = (const uint16_t *)src;
+    KVC_SCALAR_LOOP
+    for (size_t i = 0; i < n; i++) d[i] = (uint32_t)s[i] << 16;
+}
+
+/* max|x| of a group is taken on the bits: for |x| they order like the
+ * values, and the NaNs come above inf, so an integer max needs no NaN rules
+ * and any order of the comparisons gives the same result.
+ *
+ * The vector paths do their groups' last elements with these inline helpers,
+ * not with the oracles: GCC inlines no KVC_SCALAR_FN function into them, and
+ * a call into SSE code from AVX code, once per group, cost AVX2's dequant
+ * three times its time. */
+static inline uint32_t kvc_abs_max_step(uint32_t m, float x)
+{
+    uint32_t a = kvc_f32_bits(x) & 0x7fffffffu;
+    return a > m ? a : m;
+}
+
+static inline float kvc_i8_scale(uint32_t abs_max_bits)
+{
+    if (abs_max_bits >= 0x7f800000u) return kvc_bits_f32(0x7fc00000u); /* inf or NaN */
+    return kvc_bits_f32(abs_max_bits) / 127.0f;
+}
+
+/* One value with a scale > 0.  The clamp comes first: rounding is monotone
+ * and keeps the integer bounds, so that is the same as clamping rint(v). */
+static inline int8_t kvc_quant_i8_one(float x, float scale)
+{
+    float v = x / scale;
+    v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+    return (int8_t)rintf(v);
+}
+
+KVC_SCALAR_FN
+static inline void kvc_quant_i8_scalar(int8_t *dst, float *scales, const float *src,
+                                       size_t n_groups, size_t group)
+{
+    for (size_t g = 0; g < n_groups; g++, dst += group, src += group) {
+        uint32_t amax = 0;
+        KVC_SCALAR_LOOP
+        for (size_t i = 0; i < group; i++) amax = kvc_abs_max_step(amax, src[i]);
+        float scale = scales[g] = kvc_i8_scale(amax);
+        KVC_SCALAR_LOOP
+        for (size_t i = 0; i < group; i++)
+            dst[i] = scale > 0.0f ? kvc_quant_i8_one(src[i], scale) : 0;
+    }
+}
+
+KVC_SCALAR_FN
+static inline void kvc_dequant_i8_scalar(float *dst, const int8_t *src, const float *scales,
+                                         size_t n_groups, size_t group)
+{
+    for (size_t g = 0; g < n_groups; g++, dst += group, src += group) {
+        float scale = scales[g];
+        KVC_SCALAR_LOOP
+        for (size_t i = 0; i < group; i++) dst[i] = (float)src[i] * scale;
+    }
+}
+
 /* Floats to copy before dst reaches a `width`-byte boundary (capped at n).
  * Aligning the destination keeps every vector store inside one cache line. */
 static inline size_t kvc_head_floats(const void *dst, size_t n, size_t width)
@@ -257,6 +442,108 @@ static inline void kvc_add_rows_sse2(float *acc, const float *rows, size_t n_row
         kvc_add_rows_scalar(acc + c, p + c, k, n_cols - c, row_stride);
     }
 }
+
+/* SSE2 has no half-precision conversion: that path converts f16 in scalar.
+ * bf16 and int8 are integer and float arithmetic it has. */
+
+/* Four floats rounded to bf16, in the high halves of the lanes, shifted down
+ * with their sign so that _mm_packs_epi32 keeps them as they are. */
+static inline __m128i kvc_bf16_round_sse2(__m128i x)
+{
+    __m128i lsb = _mm_and_si128(_mm_srli_epi32(x, 16), _mm_set1_epi32(1));
+    __m128i r = _mm_add_epi32(_mm_add_epi32(x, _mm_set1_epi32(0x7fff)), lsb);
+    __m128i nan = _mm_cmpgt_epi32(_mm_and_si128(x, _mm_set1_epi32(0x7fffffff)),
+                                  _mm_set1_epi32(0x7f800000));
+    __m128i qnan = _mm_or_si128(_mm_and_si128(x, _mm_set1_epi32((int)0x80000000u)),
+                                _mm_set1_epi32(0x7fc00000));
+    r = _mm_or_si128(_mm_and_si128(nan, qnan), _mm_andnot_si128(nan, r));
+    return _mm_srai_epi32(r, 16);
+}
+
+static inline void kvc_f32_to_bf16_sse2(void *dst, const void *src, size_t n)
+{
+    uint16_t *d = (uint16_t *)dst;
+    const float *s = (const float *)src;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i a = kvc_bf16_round_sse2(_mm_castps_si128(_mm_loadu_ps(s + i)));
+        __m128i b = kvc_bf16_round_sse2(_mm_castps_si128(_mm_loadu_ps(s + i + 4)));
+        _mm_storeu_si128((__m128i *)(d + i), _mm_packs_epi32(a, b));
+    }
+    kvc_f32_to_bf16_scalar(d + i, s + i, n - i);
+}
+
+static inline void kvc_bf16_to_f32_sse2(void *dst, const void *src, size_t n)
+{
+    float *d = (float *)dst;
+    const uint16_t *s = (const uint16_t *)src;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(s + i)), z = _mm_setzero_si128();
+        _mm_storeu_si128((__m128i *)(d + i), _mm_unpacklo_epi16(z, h));
+        _mm_storeu_si128((__m128i *)(d + i + 4), _mm_unpackhi_epi16(z, h));
+    }
+    kvc_bf16_to_f32_scalar(d + i, s + i, n - i);
+}
+
+/* Four int32 of q rounded from v / scale, as kvc_quant_i8_one does it:
+ * clamped, then converted in the current rounding mode like rintf. */
+static inline __m128i kvc_quant4_sse2(__m128 v, __m128 scale)
+{
+    v = _mm_min_ps(_mm_max_ps(_mm_div_ps(v, scale), _mm_set1_ps(-127.0f)), _mm_set1_ps(127.0f));
+    return _mm_cvtps_epi32(v);
+}
+
+static inline void kvc_quant_i8_sse2(int8_t *dst, float *scales, const float *src,
+                                     size_t n_groups, size_t group)
+{
+    for (size_t g = 0; g < n_groups; g++, dst += group, src += group) {
+        __m128i m = _mm_setzero_si128();
+        size_t i = 0;
+        for (; i + 4 <= group; i += 4) { /* below 2^31: a signed compare will do */
+            __m128i a = _mm_and_si128(_mm_castps_si128(_mm_loadu_ps(src + i)),
+                                      _mm_set1_epi32(0x7fffffff));
+            __m128i gt = _mm_cmpgt_epi32(a, m);
+            m = _mm_or_si128(_mm_and_si128(gt, a), _mm_andnot_si128(gt, m));
+        }
+        uint32_t lanes[4], amax = 0;
+        _mm_storeu_si128((__m128i *)lanes, m);
+        for (int k = 0; k < 4; k++) amax = lanes[k] > amax ? lanes[k] : amax;
+        for (; i < group; i++) amax = kvc_abs_max_step(amax, src[i]);
+        float scale = scales[g] = kvc_i8_scale(amax);
+        if (!(scale > 0.0f)) {
+            memset(dst, 0, group);
+            continue;
+        }
+        __m128 sv = _mm_set1_ps(scale);
+        for (i = 0; i + 8 <= group; i += 8) {
+            __m128i w = _mm_packs_epi32(kvc_quant4_sse2(_mm_loadu_ps(src + i), sv),
+                                        kvc_quant4_sse2(_mm_loadu_ps(src + i + 4), sv));
+            _mm_storel_epi64((__m128i *)(dst + i), _mm_packs_epi16(w, w));
+        }
+        for (; i < group; i++) dst[i] = kvc_quant_i8_one(src[i], scale);
+    }
+}
+
+static inline void kvc_dequant_i8_sse2(float *dst, const int8_t *src, const float *scales,
+                                       size_t n_groups, size_t group)
+{
+    for (size_t g = 0; g < n_groups; g++, dst += group, src += group) {
+        float scale = scales[g];
+        __m128 sv = _mm_set1_ps(scale);
+        size_t i = 0;
+        for (; i + 8 <= group; i += 8) {
+            /* each byte doubled to 16 and to 32 bits, then shifted down with its sign */
+            __m128i b = _mm_loadl_epi64((const __m128i *)(src + i));
+            __m128i w = _mm_unpacklo_epi8(b, b);
+            __m128i lo = _mm_srai_epi32(_mm_unpacklo_epi16(w, w), 24);
+            __m128i hi = _mm_srai_epi32(_mm_unpackhi_epi16(w, w), 24);
+            _mm_storeu_ps(dst + i, _mm_mul_ps(_mm_cvtepi32_ps(lo), sv));
+            _mm_storeu_ps(dst + i + 4, _mm_mul_ps(_mm_cvtepi32_ps(hi), sv));
+        }
+        for (; i < group; i++) dst[i] = (float)src[i] * scale;
+    }
+}
 #endif
 
 #if KVC_VECTOR == KVC_NEON
@@ -290,6 +577,121 @@ static inline void kvc_add_rows_neon(float *acc, const float *rows, size_t n_row
             vst1q_f32(acc + c, a);
         }
         kvc_add_rows_scalar(acc + c, p + c, k, n_cols - c, row_stride);
+    }
+}
+
+/* FCVTN/FCVTL quiet signalling NaNs: a vector holding a NaN is redone in
+ * scalar, which keeps numpy's payload. */
+static inline int kvc_any_nan_neon(float32x4_t a, float32x4_t b)
+{
+    return vminvq_u32(vandq_u32(vceqq_f32(a, a), vceqq_f32(b, b))) == 0;
+}
+
+static inline void kvc_f32_to_f16_neon(void *dst, const void *src, size_t n)
+{
+    uint16_t *d = (uint16_t *)dst;
+    const float *s = (const float *)src;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        float32x4_t a = vld1q_f32(s + i), b = vld1q_f32(s + i + 4);
+        vst1q_u16(d + i, vreinterpretq_u16_f16(vcvt_high_f16_f32(vcvt_f16_f32(a), b)));
+        if (kvc_any_nan_neon(a, b)) kvc_f32_to_f16_scalar(d + i, s + i, 8);
+    }
+    kvc_f32_to_f16_scalar(d + i, s + i, n - i);
+}
+
+static inline void kvc_f16_to_f32_neon(void *dst, const void *src, size_t n)
+{
+    float *d = (float *)dst;
+    const uint16_t *s = (const uint16_t *)src;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(s + i));
+        float32x4_t a = vcvt_f32_f16(vget_low_f16(h)), b = vcvt_high_f32_f16(h);
+        vst1q_f32(d + i, a);
+        vst1q_f32(d + i + 4, b);
+        if (kvc_any_nan_neon(a, b)) kvc_f16_to_f32_scalar(d + i, s + i, 8);
+    }
+    kvc_f16_to_f32_scalar(d + i, s + i, n - i);
+}
+
+/* Four floats rounded to bf16 (kvc_f32_to_bf16_bits), narrowed to 16 bits. */
+static inline uint16x4_t kvc_bf16_round_neon(uint32x4_t x)
+{
+    uint32x4_t lsb = vandq_u32(vshrq_n_u32(x, 16), vdupq_n_u32(1));
+    uint32x4_t r = vaddq_u32(vaddq_u32(x, vdupq_n_u32(0x7fff)), lsb);
+    uint32x4_t nan = vcgtq_u32(vandq_u32(x, vdupq_n_u32(0x7fffffff)), vdupq_n_u32(0x7f800000));
+    uint32x4_t qnan = vorrq_u32(vandq_u32(x, vdupq_n_u32(0x80000000u)), vdupq_n_u32(0x7fc00000));
+    return vshrn_n_u32(vbslq_u32(nan, qnan, r), 16);
+}
+
+static inline void kvc_f32_to_bf16_neon(void *dst, const void *src, size_t n)
+{
+    uint16_t *d = (uint16_t *)dst;
+    const uint32_t *s = (const uint32_t *)src;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        vst1q_u16(d + i, vcombine_u16(kvc_bf16_round_neon(vld1q_u32(s + i)),
+                                      kvc_bf16_round_neon(vld1q_u32(s + i + 4))));
+    kvc_f32_to_bf16_scalar(d + i, s + i, n - i);
+}
+
+static inline void kvc_bf16_to_f32_neon(void *dst, const void *src, size_t n)
+{
+    uint32_t *d = (uint32_t *)dst;
+    const uint16_t *s = (const uint16_t *)src;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint16x8_t h = vld1q_u16(s + i);
+        vst1q_u32(d + i, vshll_n_u16(vget_low_u16(h), 16));
+        vst1q_u32(d + i + 4, vshll_high_n_u16(h, 16));
+    }
+    kvc_bf16_to_f32_scalar(d + i, s + i, n - i);
+}
+
+/* As kvc_quant_i8_one: clamp, then FRINTI rounds in the current mode like rintf. */
+static inline int16x4_t kvc_quant4_neon(float32x4_t v, float32x4_t scale)
+{
+    v = vminq_f32(vmaxq_f32(vdivq_f32(v, scale), vdupq_n_f32(-127.0f)), vdupq_n_f32(127.0f));
+    return vqmovn_s32(vcvtq_s32_f32(vrndiq_f32(v)));
+}
+
+static inline void kvc_quant_i8_neon(int8_t *dst, float *scales, const float *src,
+                                     size_t n_groups, size_t group)
+{
+    for (size_t g = 0; g < n_groups; g++, dst += group, src += group) {
+        uint32x4_t m = vdupq_n_u32(0);
+        size_t i = 0;
+        for (; i + 4 <= group; i += 4)
+            m = vmaxq_u32(m, vandq_u32(vld1q_u32((const uint32_t *)(src + i)),
+                                       vdupq_n_u32(0x7fffffff)));
+        uint32_t amax = vmaxvq_u32(m);
+        for (; i < group; i++) amax = kvc_abs_max_step(amax, src[i]);
+        float scale = scales[g] = kvc_i8_scale(amax);
+        if (!(scale > 0.0f)) {
+            memset(dst, 0, group);
+            continue;
+        }
+        float32x4_t sv = vdupq_n_f32(scale);
+        for (i = 0; i + 8 <= group; i += 8)
+            vst1_s8(dst + i, vqmovn_s16(vcombine_s16(kvc_quant4_neon(vld1q_f32(src + i), sv),
+                                                     kvc_quant4_neon(vld1q_f32(src + i + 4), sv))));
+        for (; i < group; i++) dst[i] = kvc_quant_i8_one(src[i], scale);
+    }
+}
+
+static inline void kvc_dequant_i8_neon(float *dst, const int8_t *src, const float *scales,
+                                       size_t n_groups, size_t group)
+{
+    for (size_t g = 0; g < n_groups; g++, dst += group, src += group) {
+        float scale = scales[g];
+        size_t i = 0;
+        for (; i + 8 <= group; i += 8) {
+            int16x8_t w = vmovl_s8(vld1_s8(src + i));
+            vst1q_f32(dst + i, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), scale));
+            vst1q_f32(dst + i + 4, vmulq_n_f32(vcvtq_f32_s32(vmovl_high_s16(w)), scale));
+        }
+        for (; i < group; i++) dst[i] = (float)src[i] * scale;
     }
 }
 
@@ -327,6 +729,9 @@ typedef struct kvc_simd_ops {
     kvc_copy_fn copy_nt;      /* into the cache: streaming stores when large */
     kvc_crc32c_fn crc32c;     /* the path's CRC32C instructions, else the table */
     kvc_add_rows_fn add_rows;
+    kvc_cvt_fn f32_to_f16, f16_to_f32, f32_to_bf16, bf16_to_f32;
+    kvc_quant_fn quant_i8;
+    kvc_dequant_fn dequant_i8;
     int backend;
 } kvc_simd_ops;
 
@@ -343,6 +748,9 @@ int kvc_simd_from_name(const char *name);  /* -1 if unknown; "auto" -> best */
 kvc_copy_fn kvc_simd_copy_fn(int backend, int streaming); /* NULL if unavailable */
 kvc_crc32c_fn kvc_simd_crc32c_fn(int backend);            /* NULL if unavailable */
 kvc_add_rows_fn kvc_simd_add_rows_fn(int backend);        /* NULL if unavailable */
+kvc_cvt_fn kvc_simd_cvt_fn(int backend, int which);       /* KVC_CVT_*; NULL if unavailable */
+kvc_quant_fn kvc_simd_quant_fn(int backend);              /* NULL if unavailable */
+kvc_dequant_fn kvc_simd_dequant_fn(int backend);          /* NULL if unavailable */
 
 #if defined(__x86_64__) || defined(_M_X64)
 void kvc_copy_avx2(void *dst, const void *src, size_t n);
@@ -354,6 +762,23 @@ void kvc_add_rows_avx2(float *acc, const float *rows, size_t n_rows, size_t n_co
 void kvc_add_rows_avx512(float *acc, const float *rows, size_t n_rows, size_t n_cols,
                          size_t row_stride);
 uint32_t kvc_crc32c_sse42(uint32_t crc, const void *buf, size_t n);
+void kvc_f32_to_f16_avx2(void *dst, const void *src, size_t n);
+void kvc_f16_to_f32_avx2(void *dst, const void *src, size_t n);
+void kvc_f32_to_bf16_avx2(void *dst, const void *src, size_t n);
+void kvc_bf16_to_f32_avx2(void *dst, const void *src, size_t n);
+void kvc_quant_i8_avx2(int8_t *dst, float *scales, const float *src, size_t n_groups,
+                       size_t group);
+void kvc_dequant_i8_avx2(float *dst, const int8_t *src, const float *scales, size_t n_groups,
+                         size_t group);
+void kvc_f32_to_f16_avx512(void *dst, const void *src, size_t n);
+void kvc_f16_to_f32_avx512(void *dst, const void *src, size_t n);
+void kvc_f32_to_bf16_avx512(void *dst, const void *src, size_t n);
+void kvc_f32_to_bf16_avx512bf16(void *dst, const void *src, size_t n); /* if the CPU has it */
+void kvc_bf16_to_f32_avx512(void *dst, const void *src, size_t n);
+void kvc_quant_i8_avx512(int8_t *dst, float *scales, const float *src, size_t n_groups,
+                         size_t group);
+void kvc_dequant_i8_avx512(float *dst, const int8_t *src, const float *scales, size_t n_groups,
+                           size_t group);
 #endif
 
 #ifdef __cplusplus

@@ -6,15 +6,33 @@ cdef extern from "kvc_simd.h" nogil:
     int KVC_NT_MIN_BYTES
     int KVC_SCALAR, KVC_SSE2, KVC_AVX2, KVC_AVX512, KVC_NEON, KVC_N_BACKENDS, KVC_VECTOR
     ctypedef unsigned int uint32_t  # <stdint.h>'s, which kvc_simd.h includes
+    ctypedef signed char int8_t
     ctypedef void (*kvc_copy_fn)(void *dst, const void *src, size_t n)
     ctypedef uint32_t (*kvc_crc32c_fn)(uint32_t crc, const void *buf, size_t n)
     ctypedef void (*kvc_add_rows_fn)(float *acc, const float *rows, size_t n_rows, size_t n_cols,
                                      size_t row_stride)
+    ctypedef void (*kvc_cvt_fn)(void *dst, const void *src, size_t n)
+    ctypedef void (*kvc_quant_fn)(int8_t *dst, float *scales, const float *src, size_t n_groups,
+                                  size_t group)
+    ctypedef void (*kvc_dequant_fn)(float *dst, const int8_t *src, const float *scales,
+                                    size_t n_groups, size_t group)
+    enum:
+        KVC_CVT_F32_F16
+        KVC_CVT_F16_F32
+        KVC_CVT_F32_BF16
+        KVC_CVT_BF16_F32
+        KVC_N_CVT
     ctypedef struct kvc_simd_ops:
         kvc_copy_fn copy
         kvc_copy_fn copy_nt
         kvc_crc32c_fn crc32c
         kvc_add_rows_fn add_rows
+        kvc_cvt_fn f32_to_f16
+        kvc_cvt_fn f16_to_f32
+        kvc_cvt_fn f32_to_bf16
+        kvc_cvt_fn bf16_to_f32
+        kvc_quant_fn quant_i8
+        kvc_dequant_fn dequant_i8
         int backend
     kvc_simd_ops kvc_simd
     int kvc_simd_init()
@@ -26,6 +44,9 @@ cdef extern from "kvc_simd.h" nogil:
     kvc_copy_fn kvc_simd_copy_fn(int backend, int streaming)
     kvc_crc32c_fn kvc_simd_crc32c_fn(int backend)
     kvc_add_rows_fn kvc_simd_add_rows_fn(int backend)
+    kvc_cvt_fn kvc_simd_cvt_fn(int backend, int which)
+    kvc_quant_fn kvc_simd_quant_fn(int backend)
+    kvc_dequant_fn kvc_simd_dequant_fn(int backend)
 
 cdef extern from "kvc_alloc.h" nogil:
     void *kvc_alloc(size_t size, size_t align)

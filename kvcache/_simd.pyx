@@ -1,6 +1,8 @@
 """Which SIMD path is in use, forcing one (``KVCACHE_SIMD``), and its kernels' test hooks."""
 import os
 
+import numpy as np
+
 cimport numpy as cnp
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport uint32_t, uintptr_t
@@ -8,6 +10,8 @@ from kvcache._ckvc cimport (
     KVC_N_BACKENDS, kvc_simd, kvc_simd_init, kvc_simd_force, kvc_simd_available,
     kvc_simd_best, kvc_simd_name, kvc_simd_from_name, kvc_simd_copy_fn, kvc_copy_fn,
     kvc_simd_crc32c_fn, kvc_crc32c_fn, kvc_simd_add_rows_fn, kvc_add_rows_fn,
+    kvc_simd_cvt_fn, kvc_cvt_fn, kvc_simd_quant_fn, kvc_quant_fn, kvc_simd_dequant_fn,
+    kvc_dequant_fn, KVC_CVT_F32_F16, KVC_CVT_F16_F32, KVC_CVT_F32_BF16, KVC_CVT_BF16_F32,
 )
 
 cnp.import_array()
@@ -132,6 +136,98 @@ def add_rows_with(str name, acc, rows):
         raise ValueError("acc overlaps rows")
     with nogil:
         fn(&a[0], &r[0, 0], <size_t>n_rows, <size_t>n_cols, <size_t>(stride // 4))
+
+
+_CONVERSIONS = {"f32_f16": KVC_CVT_F32_F16, "f16_f32": KVC_CVT_F16_F32,
+                "f32_bf16": KVC_CVT_F32_BF16, "bf16_f32": KVC_CVT_BF16_F32}
+
+
+def _dtypes(str fmt):
+    """The dtypes one side of a conversion takes: bf16 as its bits or as ml_dtypes' type."""
+    if fmt == "bf16":
+        import ml_dtypes  # here, not at the top: importing it takes a while
+        return np.dtype(np.uint16), np.dtype(ml_dtypes.bfloat16)
+    return (np.dtype(np.float32 if fmt == "f32" else np.float16),)
+
+
+cdef char *_vector_data(a, str role, tuple dtypes) except? NULL:
+    if not (isinstance(a, np.ndarray) and a.ndim == 1 and a.flags.c_contiguous
+            and a.dtype in dtypes):
+        raise ValueError(f"{role} must be a 1-D C-contiguous array of "
+                         f"{' or '.join(map(str, dtypes))}")
+    return <char *>cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+def convert_with(str name, str kind, dst, src):
+    """Convert ``src`` into ``dst`` with one path.
+
+    ``kind`` is ``"f32_f16"``, ``"f16_f32"``, ``"f32_bf16"`` or
+    ``"bf16_f32"``.  ``dst`` and ``src`` are 1-D, C-contiguous and of one
+    length; f32 is float32, f16 numpy's float16, bf16 uint16 bits or
+    ml_dtypes' bfloat16.  Test hook: every path must give the scalar result
+    (numpy's and ml_dtypes' roundings) to the bit.
+
+    Raises
+    ------
+    ValueError
+        On an unknown kind, another dtype, shape or layout, lengths that
+        differ, a read-only ``dst``, or ``dst`` overlapping ``src``.
+    """
+    if kind not in _CONVERSIONS:
+        raise ValueError(f"unknown conversion {kind!r}: expected one of "
+                         f"{', '.join(map(repr, _CONVERSIONS))}")
+    cdef kvc_cvt_fn fn = kvc_simd_cvt_fn(_backend_id(name), _CONVERSIONS[kind])
+    src_fmt, dst_fmt = kind.split("_")
+    cdef char *d = _vector_data(dst, "dst", _dtypes(dst_fmt))
+    cdef char *s = _vector_data(src, "src", _dtypes(src_fmt))
+    if not dst.flags.writeable:
+        raise ValueError("dst is read-only")
+    if dst.shape[0] != src.shape[0]:
+        raise ValueError(f"dst has {dst.shape[0]} elements, src has {src.shape[0]}")
+    cdef size_t n = dst.shape[0], src_size = src.itemsize, dst_size = dst.itemsize
+    if d < s + n * src_size and s < d + n * dst_size:
+        raise ValueError("dst overlaps src")
+    if n:
+        with nogil:
+            fn(d, s, n)
+
+
+def quant_i8_with(str name, src):
+    """Quantize each row of ``src`` (float32, 2-D, C-contiguous) to int8 with one path.
+
+    Returns ``(q, scales)``: int8 of ``src``'s shape and one float32 scale per
+    row, as include/kvc_simd.h defines them (max|x| / 127, rint, inf or NaN
+    rows get scale NaN and q = 0).  Test hook: every path must give the
+    scalar result to the bit.
+    """
+    cdef kvc_quant_fn fn = kvc_simd_quant_fn(_backend_id(name))
+    cdef const float[:, ::1] x = src
+    q = np.zeros((x.shape[0], x.shape[1]), np.int8)
+    scales = np.zeros(x.shape[0], np.float32)  # an empty row's max|x| is 0
+    cdef signed char[:, ::1] qv = q
+    cdef float[::1] sv = scales
+    if x.shape[0] and x.shape[1]:
+        with nogil:
+            fn(&qv[0, 0], &sv[0], &x[0, 0], <size_t>x.shape[0], <size_t>x.shape[1])
+    return q, scales
+
+
+def dequant_i8_with(str name, q, scales):
+    """Return ``q * scales[:, None]`` in float32 (q int8, 2-D, C-contiguous) with one path.
+
+    Test hook: every path must give the scalar result to the bit.
+    """
+    cdef kvc_dequant_fn fn = kvc_simd_dequant_fn(_backend_id(name))
+    cdef const signed char[:, ::1] qv = q
+    cdef const float[::1] sv = scales
+    if sv.shape[0] != qv.shape[0]:
+        raise ValueError(f"q has {qv.shape[0]} rows, scales has {sv.shape[0]}")
+    out = np.zeros((qv.shape[0], qv.shape[1]), np.float32)
+    cdef float[:, ::1] ov = out
+    if qv.shape[0] and qv.shape[1]:
+        with nogil:
+            fn(&ov[0, 0], &qv[0, 0], &sv[0], <size_t>qv.shape[0], <size_t>qv.shape[1])
+    return out
 
 
 def _init_from_env():

@@ -21,19 +21,30 @@ static unsigned long long kvc_xgetbv0(void)
     return ((unsigned long long)edx << 32) | eax;
 }
 
-/* AVX state needs both the CPU bit and the OS saving the registers (XCR0). */
+/* AVX state needs both the CPU bit and the OS saving the registers (XCR0).
+ * The AVX2 path converts halves with F16C; the AVX-512 one uses BW and VL
+ * (16-bit and byte masks): every such CPU has them, but ask.
+ * KVC_AVX512BF16 is the AVX-512 path with the BF16 conversion instruction. */
+#define KVC_AVX512BF16 (-2)
+
 static int kvc_x86_has(int backend)
 {
     unsigned int a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
-    int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1;
+    int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, f16c = (c >> 29) & 1;
     if (!osxsave || !avx) return 0;
     unsigned long long xcr0 = kvc_xgetbv0();
     if ((xcr0 & 0x6) != 0x6) return 0;
     if (__get_cpuid_max(0, 0) < 7) return 0;
     __cpuid_count(7, 0, a, b, c, d);
-    if (backend == KVC_AVX2) return (b >> 5) & 1;
-    if (backend == KVC_AVX512) return ((b >> 16) & 1) && (xcr0 & 0xe6) == 0xe6;
+    int max_leaf7 = (int)a;
+    int avx512 = ((b >> 16) & 1) && ((b >> 30) & 1) && ((b >> 31) & 1) && (xcr0 & 0xe6) == 0xe6;
+    if (backend == KVC_AVX2) return ((b >> 5) & 1) && f16c;
+    if (backend == KVC_AVX512) return avx512;
+    if (backend == KVC_AVX512BF16 && avx512 && max_leaf7 >= 1) {
+        __cpuid_count(7, 1, a, b, c, d);
+        return (a >> 5) & 1;
+    }
     return 0;
 }
 #endif
@@ -41,31 +52,56 @@ static int kvc_x86_has(int backend)
 static const char *const kvc_names[KVC_N_BACKENDS] = {"scalar", "sse2", "avx2", "avx512", "neon"};
 
 /* What each path runs, where this build has it (the others stay NULL).  A
- * hardware crc32c is used only if kvc_hw_crc32c() finds the instructions. */
+ * hardware crc32c is used only if kvc_hw_crc32c() finds the instructions.
+ * SSE2 has no half-precision conversion: it converts f16 in scalar. */
 static const struct {
     kvc_copy_fn copy, copy_nt;
     kvc_crc32c_fn crc32c;
     kvc_add_rows_fn add_rows;
+    kvc_cvt_fn cvt[KVC_N_CVT];
+    kvc_quant_fn quant_i8;
+    kvc_dequant_fn dequant_i8;
 } kvc_paths[KVC_N_BACKENDS] = {
-    [KVC_SCALAR] = {kvc_copy_scalar, kvc_copy_scalar_nt, kvc_crc32c_scalar, kvc_add_rows_scalar},
+    [KVC_SCALAR] = {kvc_copy_scalar, kvc_copy_scalar_nt, kvc_crc32c_scalar, kvc_add_rows_scalar,
+                    {kvc_f32_to_f16_scalar, kvc_f16_to_f32_scalar, kvc_f32_to_bf16_scalar,
+                     kvc_bf16_to_f32_scalar},
+                    kvc_quant_i8_scalar, kvc_dequant_i8_scalar},
 #if KVC_VECTOR == KVC_SSE2
-    [KVC_SSE2] = {kvc_copy_sse2, kvc_copy_sse2_nt, kvc_crc32c_scalar, kvc_add_rows_sse2},
+    [KVC_SSE2] = {kvc_copy_sse2, kvc_copy_sse2_nt, kvc_crc32c_scalar, kvc_add_rows_sse2,
+                  {kvc_f32_to_f16_scalar, kvc_f16_to_f32_scalar, kvc_f32_to_bf16_sse2,
+                   kvc_bf16_to_f32_sse2},
+                  kvc_quant_i8_sse2, kvc_dequant_i8_sse2},
 #endif
 #if KVC_VECTOR == KVC_NEON
 #  ifdef KVC_ARM_CRC32C
-    [KVC_NEON] = {kvc_copy_neon, kvc_copy_neon_nt, kvc_crc32c_arm, kvc_add_rows_neon},
+    [KVC_NEON] = {kvc_copy_neon, kvc_copy_neon_nt, kvc_crc32c_arm, kvc_add_rows_neon,
 #  else
-    [KVC_NEON] = {kvc_copy_neon, kvc_copy_neon_nt, kvc_crc32c_scalar, kvc_add_rows_neon},
+    [KVC_NEON] = {kvc_copy_neon, kvc_copy_neon_nt, kvc_crc32c_scalar, kvc_add_rows_neon,
 #  endif
+                  {kvc_f32_to_f16_neon, kvc_f16_to_f32_neon, kvc_f32_to_bf16_neon,
+                   kvc_bf16_to_f32_neon},
+                  kvc_quant_i8_neon, kvc_dequant_i8_neon},
 #endif
 #ifdef KVC_X86
-    [KVC_AVX2] = {kvc_copy_avx2, kvc_copy_avx2_nt, kvc_crc32c_sse42, kvc_add_rows_avx2},
-    [KVC_AVX512] = {kvc_copy_avx512, kvc_copy_avx512_nt, kvc_crc32c_sse42, kvc_add_rows_avx512},
+    [KVC_AVX2] = {kvc_copy_avx2, kvc_copy_avx2_nt, kvc_crc32c_sse42, kvc_add_rows_avx2,
+                  {kvc_f32_to_f16_avx2, kvc_f16_to_f32_avx2, kvc_f32_to_bf16_avx2,
+                   kvc_bf16_to_f32_avx2},
+                  kvc_quant_i8_avx2, kvc_dequant_i8_avx2},
+    [KVC_AVX512] = {kvc_copy_avx512, kvc_copy_avx512_nt, kvc_crc32c_sse42, kvc_add_rows_avx512,
+                    {kvc_f32_to_f16_avx512, kvc_f16_to_f32_avx512, kvc_f32_to_bf16_avx512,
+                     kvc_bf16_to_f32_avx512},
+                    kvc_quant_i8_avx512, kvc_dequant_i8_avx512},
 #endif
 };
 
-kvc_simd_ops kvc_simd = {kvc_copy_scalar, kvc_copy_scalar_nt, kvc_crc32c_scalar,
-                         kvc_add_rows_scalar, KVC_SCALAR};
+kvc_simd_ops kvc_simd = {
+    .copy = kvc_copy_scalar, .copy_nt = kvc_copy_scalar_nt, .crc32c = kvc_crc32c_scalar,
+    .add_rows = kvc_add_rows_scalar,
+    .f32_to_f16 = kvc_f32_to_f16_scalar, .f16_to_f32 = kvc_f16_to_f32_scalar,
+    .f32_to_bf16 = kvc_f32_to_bf16_scalar, .bf16_to_f32 = kvc_bf16_to_f32_scalar,
+    .quant_i8 = kvc_quant_i8_scalar, .dequant_i8 = kvc_dequant_i8_scalar,
+    .backend = KVC_SCALAR,
+};
 
 /* CPU features are read once; CPUID is slow under some hypervisors. */
 static int kvc_has_cache[KVC_N_BACKENDS] = {-1, -1, -1, -1, -1};
@@ -120,6 +156,29 @@ kvc_add_rows_fn kvc_simd_add_rows_fn(int backend)
     return kvc_has(backend) ? kvc_paths[backend].add_rows : NULL;
 }
 
+kvc_cvt_fn kvc_simd_cvt_fn(int backend, int which)
+{
+    if (!kvc_has(backend) || which < 0 || which >= KVC_N_CVT) return NULL;
+#ifdef KVC_X86
+    static int bf16 = -1; /* CPUID once, as kvc_has() does */
+    if (backend == KVC_AVX512 && which == KVC_CVT_F32_BF16) {
+        if (bf16 < 0) bf16 = kvc_x86_has(KVC_AVX512BF16);
+        if (bf16) return kvc_f32_to_bf16_avx512bf16;
+    }
+#endif
+    return kvc_paths[backend].cvt[which];
+}
+
+kvc_quant_fn kvc_simd_quant_fn(int backend)
+{
+    return kvc_has(backend) ? kvc_paths[backend].quant_i8 : NULL;
+}
+
+kvc_dequant_fn kvc_simd_dequant_fn(int backend)
+{
+    return kvc_has(backend) ? kvc_paths[backend].dequant_i8 : NULL;
+}
+
 int kvc_simd_available(int backend) { return kvc_has(backend); }
 
 int kvc_simd_best(void)
@@ -150,6 +209,12 @@ int kvc_simd_force(int backend)
     kvc_simd.copy_nt = kvc_simd_copy_fn(backend, 1);
     kvc_simd.crc32c = kvc_simd_crc32c_fn(backend);
     kvc_simd.add_rows = kvc_simd_add_rows_fn(backend);
+    kvc_simd.f32_to_f16 = kvc_simd_cvt_fn(backend, KVC_CVT_F32_F16);
+    kvc_simd.f16_to_f32 = kvc_simd_cvt_fn(backend, KVC_CVT_F16_F32);
+    kvc_simd.f32_to_bf16 = kvc_simd_cvt_fn(backend, KVC_CVT_F32_BF16);
+    kvc_simd.bf16_to_f32 = kvc_simd_cvt_fn(backend, KVC_CVT_BF16_F32);
+    kvc_simd.quant_i8 = kvc_simd_quant_fn(backend);
+    kvc_simd.dequant_i8 = kvc_simd_dequant_fn(backend);
     kvc_simd.backend = backend;
     return 0;
 }
