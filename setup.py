@@ -44,6 +44,7 @@ def ext(name, sources=(), extra_compile=(), extra_link=()):
 extensions = [
     ext("_simd", simd_sources),
     ext("_status"),
+    ext("_codec"),
     ext("_arrays"),
     ext("_cold"),
     ext("_policy"),

@@ -2,12 +2,15 @@
 
 Accepted: numpy arrays, and objects exporting the buffer protocol,
 ``__array_interface__`` or ``__array__`` (torch CPU tensors), viewed without a
-copy.  The dtype must already be float32: nothing is converted silently.
+copy.  Stores take float32, float16 or bfloat16 (ml_dtypes or torch); outputs
+are float32.  Nothing is converted silently.
 """
 import numpy as np
 
 cimport numpy as cnp
 from cpython.buffer cimport PyObject_CheckBuffer
+
+from kvcache._codec cimport FMT_F32, FMT_F16, FMT_BF16
 
 cnp.import_array()
 
@@ -16,8 +19,26 @@ cdef str _shape_str(cnp.ndarray a):
     return "[" + ", ".join([str(a.shape[i]) for i in range(a.ndim)]) + "]"
 
 
-cdef cnp.ndarray as_array(object obj, str name, bint writable):
-    """``obj`` as an aligned, native-order float32 ndarray (no copy) or a clear error."""
+cdef object _torch_bfloat16(object obj):
+    """A torch bfloat16 CPU tensor as an ml_dtypes.bfloat16 array (no copy), else None.
+
+    numpy has no bfloat16 of its own, so ``np.asarray`` refuses such tensors.
+    torch is not imported here: the caller's tensor proves it already is.
+    """
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(obj, torch.Tensor) or obj.dtype != torch.bfloat16:
+        return None
+    import ml_dtypes
+    return obj.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+
+
+cdef cnp.ndarray as_array(object obj, str name, bint writable, bint any_float=False):
+    """``obj`` as an aligned, native-order ndarray (no copy) or a clear error.
+
+    The dtype must be float32, or with ``any_float`` float16 or bfloat16 too:
+    nothing is converted silently.
+    """
     cdef cnp.ndarray a
     if cnp.PyArray_Check(obj):
         a = <cnp.ndarray>obj
@@ -25,19 +46,35 @@ cdef cnp.ndarray as_array(object obj, str name, bint writable):
           or hasattr(type(obj), "__array__")) and not isinstance(obj, (str, bytes)):
         try:
             a = np.asarray(obj)
-        except Exception as exc:  # e.g. a torch tensor that requires grad or lives on a GPU
-            raise TypeError(f"{name}: cannot view {type(obj).__name__} as a float32 CPU array "
-                            f"({exc})") from exc
+        except Exception as exc:  # a torch tensor that requires grad, lives on a GPU, or is bfloat16
+            bf16 = _torch_bfloat16(obj) if any_float else None
+            if bf16 is None:
+                raise TypeError(f"{name}: cannot view {type(obj).__name__} as a float CPU array "
+                                f"({exc})") from exc
+            a = bf16
     else:
         raise TypeError(f"{name}: expected a float32 array (numpy array, torch CPU tensor or "
                         f"buffer), got {type(obj).__name__}")
-    if cnp.PyArray_TYPE(a) != cnp.NPY_FLOAT32 or not cnp.PyArray_ISNOTSWAPPED(a):
-        raise TypeError(f"{name}: expected dtype float32, got {a.dtype}")
+    if array_kind(a) < 0 or (not any_float and array_kind(a) != FMT_F32) or not cnp.PyArray_ISNOTSWAPPED(a):
+        expected = "float32, float16 or bfloat16" if any_float else "float32"
+        raise TypeError(f"{name}: expected dtype {expected}, got {a.dtype}")
     if not cnp.PyArray_ISALIGNED(a):
-        raise ValueError(f"{name}: expected a float32-aligned array, got one at a misaligned address")
+        raise ValueError(f"{name}: expected an aligned array, got one at a misaligned address")
     if writable and not cnp.PyArray_ISWRITEABLE(a):
         raise ValueError(f"{name}: expected a writable array, got a read-only one")
     return a
+
+
+cdef int array_kind(cnp.ndarray a):
+    """The row format (FMT_*) of an array's dtype, or -1."""
+    cdef int t = cnp.PyArray_TYPE(a)
+    if t == cnp.NPY_FLOAT32:
+        return FMT_F32
+    if t == cnp.NPY_FLOAT16:
+        return FMT_F16
+    if a.dtype.name == "bfloat16" and a.dtype.itemsize == 2:  # ml_dtypes.bfloat16
+        return FMT_BF16
+    return -1
 
 
 cdef Py_ssize_t check_rows(cnp.ndarray a, str name, int ndim, Py_ssize_t n_heads,
@@ -58,7 +95,8 @@ cdef Py_ssize_t check_rows(cnp.ndarray a, str name, int ndim, Py_ssize_t n_heads
         raise ValueError(f"{name}: expected shape {expected}, got {_shape_str(a)}")
     if cnp.PyArray_SIZE(a) == 0:
         return shape[0] if nd > 2 else 1  # no element to lay out: any strides will do
-    if (head_dim > 1 and strides[nd - 1] != 4) or (n_heads > 1 and strides[nd - 2] != head_dim * 4):
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(a)
+    if (head_dim > 1 and strides[nd - 1] != item) or (n_heads > 1 and strides[nd - 2] != head_dim * item):
         raise ValueError(f"{name}: expected the last two dimensions [{n_heads}, {head_dim}] to be "
                          f"C-contiguous, got strides {(<object>a).strides}")
     return shape[0] if nd > 2 else 1

@@ -11,6 +11,7 @@ from kvcache.config import CacheConfig
 _F32 = npt.NDArray[np.float32]
 
 STAT_NAMES: dict[str, int]
+FORMATS: dict[str, int]
 INDEX_CONFIG_FIELDS: tuple[str, ...]
 
 @disjoint_base
@@ -36,7 +37,8 @@ class TieredKVCache:
         stop: Optional[int] = None,
         out: Optional[Tuple[Any, Any]] = None,
         copy: bool = True,
-    ) -> Tuple[_F32, _F32]: ...
+        raw: bool = False,
+    ) -> Tuple[Any, Any]: ...
     def flush(self) -> None: ...
     def update_scores(self, layer: int, attn: npt.ArrayLike) -> None: ...
     @property

@@ -11,7 +11,9 @@ import numpy as np
 cimport numpy as cnp
 from cpython.number cimport PyIndex_Check
 
-from kvcache._arrays cimport as_array, check_rows
+from kvcache._arrays cimport array_kind, as_array, check_rows
+from kvcache._codec cimport FMT_F32
+from kvcache._codec import FORMATS, unpack_rows
 from kvcache._ckvc cimport KVC_OK, KVC_E_FULL, KVC_E_RANGE, KVC_E_IO, KVC_E_CORRUPT
 from kvcache._hot cimport HotTier
 from kvcache._hot import STAT_NAMES
@@ -96,7 +98,7 @@ cdef class TieredKVCache:
         for l, entry in enumerate(index["layers"]):
             length = entry["length"]
             sizes = self.cold.file_sizes(l)
-            need = HEADER_BYTES + length * c.row_bytes
+            need = HEADER_BYTES + length * c.cold_row_bytes
             for kind in range(2):
                 if sizes[kind] < need:
                     raise CorruptionError(0, f"cold file holds {sizes[kind]} bytes; the index needs "
@@ -118,9 +120,10 @@ cdef class TieredKVCache:
         cold_dir : str or os.PathLike
         **overrides
             CacheConfig fields to change (``hot_tokens``, ``eviction_policy``,
-            ``threads``, ``max_seq_len``...).  The fields that define the files
-            (``n_layers``, ``n_kv_heads``, ``head_dim``, ``dtype``,
-            ``block_tokens``) may be given only with the stored values.
+            ``threads``, ``max_seq_len``, the hot ``dtype``...).  The fields
+            that define the files (``n_layers``, ``n_kv_heads``, ``head_dim``,
+            ``block_tokens``, and the cold tier's dtype) may be given only
+            with the stored values.
 
         Raises
         ------
@@ -134,10 +137,15 @@ cdef class TieredKVCache:
         """
         index = read_index(cold_dir)
         stored = index["config"]
-        for name in ("n_layers", "n_kv_heads", "head_dim", "dtype", "block_tokens"):
+        for name in ("n_layers", "n_kv_heads", "head_dim", "block_tokens"):
             if name in overrides and overrides[name] != stored[name]:
                 raise ValueError(f"TieredKVCache.open: {os.fspath(cold_dir)} holds {name}={stored[name]!r}, "
                                  f"got {name}={overrides[name]!r}")
+        files = stored["cold_dtype"] or stored["dtype"]
+        asked = overrides.get("cold_dtype", stored["cold_dtype"]) or overrides.get("dtype", stored["dtype"])
+        if asked != files:
+            raise ValueError(f"TieredKVCache.open: {os.fspath(cold_dir)} holds {files} cold files, "
+                             f"got dtype/cold_dtype asking for {asked}")
         fields = {f.name for f in dataclasses.fields(CacheConfig)}
         unknown = set(overrides) - fields
         if unknown:
@@ -236,8 +244,9 @@ cdef class TieredKVCache:
     cdef int _store(self, object layer, object keys, object values, bint batch) except -1:
         self._check_open()
         cdef Py_ssize_t l = self._layer(layer)
-        cdef cnp.ndarray k = as_array(keys, "keys", False)
-        cdef cnp.ndarray v = as_array(values, "values", False)
+        cdef cnp.ndarray k = as_array(keys, "keys", False, True)
+        cdef cnp.ndarray v = as_array(values, "values", False, True)
+        cdef int kind = _same_kind(k, v)
         cdef Py_ssize_t n = check_rows(k, "keys", 3, self.n_heads, self.head_dim, not batch)
         cdef Py_ssize_t nv = check_rows(v, "values", 3, self.n_heads, self.head_dim, not batch)
         _check_tokens(n, nv)
@@ -246,7 +255,7 @@ cdef class TieredKVCache:
         cdef Py_ssize_t v_step = cnp.PyArray_STRIDE(v, 0) if cnp.PyArray_NDIM(v) == 3 else 0
         cdef int status
         with nogil:
-            status = self.hot.append(l, n, <const char *>cnp.PyArray_DATA(k), k_step,
+            status = self.hot.append(l, kind, n, <const char *>cnp.PyArray_DATA(k), k_step,
                                      <const char *>cnp.PyArray_DATA(v), v_step)
         if status != KVC_OK:
             self._raise_store(status, l, n)
@@ -288,8 +297,9 @@ cdef class TieredKVCache:
         written.
         """
         self._check_open()
-        cdef cnp.ndarray k = as_array(keys, "keys", False)
-        cdef cnp.ndarray v = as_array(values, "values", False)
+        cdef cnp.ndarray k = as_array(keys, "keys", False, True)
+        cdef cnp.ndarray v = as_array(values, "values", False, True)
+        cdef int kind = _same_kind(k, v)
         check_rows(k, "keys", 4, self.n_heads, self.head_dim)
         check_rows(v, "values", 4, self.n_heads, self.head_dim)
         if k.shape[0] != self.n_layers or v.shape[0] != self.n_layers:
@@ -300,13 +310,13 @@ cdef class TieredKVCache:
         cdef int status
         with nogil:
             status = self.hot.append_all(
-                n, <const char *>cnp.PyArray_DATA(k), cnp.PyArray_STRIDE(k, 0), cnp.PyArray_STRIDE(k, 1),
+                kind, n, <const char *>cnp.PyArray_DATA(k), cnp.PyArray_STRIDE(k, 0), cnp.PyArray_STRIDE(k, 1),
                 <const char *>cnp.PyArray_DATA(v), cnp.PyArray_STRIDE(v, 0), cnp.PyArray_STRIDE(v, 1))
         if status != KVC_OK:
             self._raise_store(status, -1, n)
 
     # -- reads ------------------------------------------------------------
-    def get(self, layer, start=0, stop=None, out=None, copy=True):
+    def get(self, layer, start=0, stop=None, out=None, copy=True, raw=False):
         """Return one layer's keys and values for positions ``start:stop``.
 
         Positions come back in order and byte-exact whichever tier holds them.
@@ -330,12 +340,19 @@ cdef class TieredKVCache:
             are first written to those files (no fsync).  A view keeps its
             mapping alive: it stays valid after :meth:`close` and for as long
             as it is referenced, and shows the stored positions until they are
-            truncated and stored again.
+            truncated and stored again.  Views show the stored representation:
+            with a dtype other than float32 they need ``raw=True``.
+        raw : bool
+            Return the stored representation instead of float32 (both tiers
+            must store the same dtype): float16 arrays, ``ml_dtypes.bfloat16``
+            arrays, or for int8 a pair ``(values int8 [n, n_kv_heads, head_dim],
+            scales float32 [n, n_kv_heads])`` for keys and one for values.
 
         Returns
         -------
         keys, values : numpy.ndarray
-            ``[stop - start, n_kv_heads, head_dim]`` float32, in position order.
+            ``[stop - start, n_kv_heads, head_dim]`` float32, in position order
+            (converted from the stored dtype by the SIMD header), or see ``raw``.
 
         Raises
         ------
@@ -355,10 +372,19 @@ cdef class TieredKVCache:
         cdef cnp.ndarray ko, vo
         cdef cnp.npy_intp dims[3]
         cdef int status
+        c = self.config
+        if raw and c.dtype != c.cold_format:
+            raise ValueError(f"get(raw=True): the hot tier stores {c.dtype} and the cold tier "
+                             f"{c.cold_format}; raw reads need one stored dtype")
+        if (raw or not copy) and out is not None:
+            raise ValueError("get: out= takes float32 copies; it excludes raw=True and copy=False")
         if not copy:
-            if out is not None:
-                raise ValueError("get: out= and copy=False exclude each other")
+            if c.cold_format != "float32" and not raw:
+                raise ValueError(f"get(copy=False): views show the stored {c.cold_format}; "
+                                 f"pass raw=True")
             return self._views(l, a, b)
+        if raw and c.dtype != "float32":
+            return self._read_raw(l, a, b)
         if out is None:
             dims[0] = n
             dims[1] = self.n_heads
@@ -370,7 +396,7 @@ cdef class TieredKVCache:
         if n == 0:
             return (ko, vo) if out is None else out
         with nogil:
-            status = self.hot.read(l, a, b, <char *>cnp.PyArray_DATA(ko), cnp.PyArray_STRIDE(ko, 0),
+            status = self.hot.read(l, FMT_F32, a, b, <char *>cnp.PyArray_DATA(ko), cnp.PyArray_STRIDE(ko, 0),
                                    <char *>cnp.PyArray_DATA(vo), cnp.PyArray_STRIDE(vo, 0))
         if status == KVC_E_RANGE:
             check_status(status, f"get: positions {a}:{b} of layer {l} were truncated meanwhile")
@@ -389,7 +415,26 @@ cdef class TieredKVCache:
             check_status(status, f"get: positions {a}:{b} of layer {l} were truncated meanwhile")
         self._raise(status, l)
         self.hot.account_view(l, a, b)
-        return cold.view(l, 0, a, b), cold.view(l, 1, a, b)
+        fmt = self.config.cold_format
+        return (unpack_rows(cold.view(l, 0, a, b), fmt, self.n_heads, self.head_dim),
+                unpack_rows(cold.view(l, 1, a, b), fmt, self.n_heads, self.head_dim))
+
+    cdef tuple _read_raw(self, Py_ssize_t l, Py_ssize_t a, Py_ssize_t b):
+        cdef Py_ssize_t rb = self.config.row_bytes
+        cdef cnp.ndarray kb = np.empty((b - a, rb), np.uint8)
+        cdef cnp.ndarray vb = np.empty((b - a, rb), np.uint8)
+        cdef int kind = FORMATS[self.config.dtype]
+        cdef int status = KVC_OK
+        if b > a:
+            with nogil:
+                status = self.hot.read(l, kind, a, b, <char *>cnp.PyArray_DATA(kb), rb,
+                                       <char *>cnp.PyArray_DATA(vb), rb)
+        if status == KVC_E_RANGE:
+            check_status(status, f"get: positions {a}:{b} of layer {l} were truncated meanwhile")
+        self._raise(status, l)
+        fmt = self.config.dtype
+        return (unpack_rows(kb, fmt, self.n_heads, self.head_dim),
+                unpack_rows(vb, fmt, self.n_heads, self.head_dim))
 
     cdef tuple _check_out(self, object out, Py_ssize_t n):
         if not isinstance(out, (tuple, list)) or len(out) != 2:
@@ -573,6 +618,12 @@ cdef class TieredKVCache:
         from kvcache.config import _positive_int
         self._check_open()
         self.hot.threads = _positive_int("threads", value)
+
+
+cdef int _same_kind(cnp.ndarray k, cnp.ndarray v) except -1:
+    if array_kind(k) != array_kind(v):
+        raise TypeError(f"values: expected the dtype of keys ({k.dtype}), got {v.dtype}")
+    return array_kind(k)
 
 
 cdef inline int _check_tokens(Py_ssize_t n_keys, Py_ssize_t n_values) except -1:

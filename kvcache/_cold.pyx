@@ -33,10 +33,11 @@ MAGIC = b"KVCACHE\x00"
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 INDEX_MAGIC = "kvcache-index"
-DTYPE_CODES = {"float32": 0}
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3}
 KINDS = ("keys", "values")
 _HEADER = struct.Struct("<8sIIIIIIII")  # magic, version, kind, layer, n_layers, heads, head_dim, block, dtype
-FINGERPRINT_FIELDS = ("n_layers", "n_kv_heads", "head_dim", "block_tokens", "dtype")
+# What a cold file's header records about the rows it holds ("cold_format": their dtype).
+FINGERPRINT_FIELDS = ("n_layers", "n_kv_heads", "head_dim", "block_tokens", "cold_format")
 
 
 cdef int write_all(int fd, const char *src, size_t n, size_t offset) noexcept nogil:
@@ -108,7 +109,7 @@ cdef ColdFiles layer_files(object store, Py_ssize_t layer):
 
 def _header(config, int kind, int layer):
     h = _HEADER.pack(MAGIC, FORMAT_VERSION, kind, layer, config.n_layers, config.n_kv_heads,
-                     config.head_dim, config.block_tokens, DTYPE_CODES[config.dtype])
+                     config.head_dim, config.block_tokens, DTYPE_CODES[config.cold_format])
     h += struct.pack("<I", zlib.crc32(h))
     return h + bytes(HEADER_BYTES - len(h))
 
@@ -123,7 +124,8 @@ def _check_header(path, data, config, int kind, int layer):
         raise CorruptionError(_errno.EINVAL, f"cold file format version {version}, "
                                              f"expected {FORMAT_VERSION}", path)
     stored = dict(zip(FINGERPRINT_FIELDS, shape))
-    stored["dtype"] = {v: k for k, v in DTYPE_CODES.items()}.get(stored["dtype"], stored["dtype"])
+    stored["cold_format"] = {v: k for k, v in DTYPE_CODES.items()}.get(stored["cold_format"],
+                                                                      stored["cold_format"])
     for name, value in stored.items():
         if getattr(config, name) != value:
             raise ValueError(f"{path}: written with {name}={value!r}, "
@@ -163,8 +165,8 @@ class ColdStore:
 
     def __init__(self, config, existing=False):
         self.config = config
-        self.row_bytes = config.row_bytes
-        self.map_bytes = HEADER_BYTES + config.n_blocks * config.block_tokens * config.row_bytes
+        self.row_bytes = config.cold_row_bytes
+        self.map_bytes = HEADER_BYTES + config.n_blocks * config.block_tokens * self.row_bytes
         self.fds = []
         self.maps = []
         created_dir = False
@@ -248,13 +250,12 @@ class ColdStore:
         return os.path.join(self.path, self.file_name(layer, kind))
 
     def view(self, layer, kind, start, stop):
-        """A read-only float32 array over rows ``start:stop`` of one file."""
+        """A read-only uint8 ``[stop - start, row_bytes]`` array over rows of one file."""
         import numpy as np
-        c = self.config
-        return np.frombuffer(self.maps[2 * layer + kind], dtype=np.float32,
-                             count=(stop - start) * c.n_kv_heads * c.head_dim,
+        return np.frombuffer(self.maps[2 * layer + kind], dtype=np.uint8,
+                             count=(stop - start) * self.row_bytes,
                              offset=HEADER_BYTES + start * self.row_bytes
-                             ).reshape(stop - start, c.n_kv_heads, c.head_dim)
+                             ).reshape(stop - start, self.row_bytes)
 
     def fsync(self):
         for fd, name in zip(self.fds, [self.file_name(l, k) for l in range(self.config.n_layers)
@@ -302,7 +303,7 @@ class ColdStore:
 
 # Config fields the index records (all but where it lives and run-time knobs).
 INDEX_CONFIG_FIELDS = ("n_layers", "n_kv_heads", "head_dim", "max_seq_len", "hot_tokens", "dtype",
-                       "eviction_policy", "sink_tokens", "block_tokens", "max_cold_bytes",
+                       "cold_dtype", "eviction_policy", "sink_tokens", "block_tokens", "max_cold_bytes",
                        "recent_tokens", "adaptive_recency_weight", "adaptive_frequency_weight",
                        "promote_on_read")
 

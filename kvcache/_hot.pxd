@@ -1,5 +1,6 @@
 from libc.stdint cimport int32_t, uint64_t
 from kvcache._ckvc cimport kvc_lock, kvc_stats, kvc_simd_ops
+from kvcache._codec cimport RowFmt
 from kvcache._cold cimport ColdFiles
 from kvcache._policy cimport Block, Policy
 
@@ -23,7 +24,8 @@ cdef struct Tier:
     kvc_stats *stats
     kvc_simd_ops *ops
     Policy policy
-    Py_ssize_t n_layers, row_floats, row_bytes
+    RowFmt hot_fmt, cold_fmt
+    Py_ssize_t n_layers, row_floats, row_bytes   # row_bytes: hot_fmt.row_bytes
     Py_ssize_t block_tokens, n_blocks, n_slots, capacity, max_len
     bint tiered, persist, promote
     uint64_t cold_limit     # max_cold_bytes, or UINT64_MAX
@@ -36,12 +38,12 @@ cdef class HotTier:
     cdef public int threads
     cdef readonly int last_threads   # threads the last store_layers ran on (written under every lock)
 
-    cdef int append(self, Py_ssize_t layer, Py_ssize_t n,
+    cdef int append(self, Py_ssize_t layer, int kind, Py_ssize_t n,
                     const char *k, Py_ssize_t k_step, const char *v, Py_ssize_t v_step) noexcept nogil
-    cdef int append_all(self, Py_ssize_t n,
+    cdef int append_all(self, int kind, Py_ssize_t n,
                         const char *k, Py_ssize_t k_layer_step, Py_ssize_t k_step,
                         const char *v, Py_ssize_t v_layer_step, Py_ssize_t v_step) noexcept nogil
-    cdef int read(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop,
+    cdef int read(self, Py_ssize_t layer, int kind, Py_ssize_t start, Py_ssize_t stop,
                   char *k, Py_ssize_t k_step, char *v, Py_ssize_t v_step) noexcept nogil
     cdef int write_back_range(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop,
                               bint check) noexcept nogil

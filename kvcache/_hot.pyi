@@ -3,6 +3,7 @@ from typing import Any, Dict, List, Tuple
 from typing_extensions import disjoint_base
 
 STAT_NAMES: Dict[str, int]
+FORMATS: Dict[str, int]
 POLICIES: Dict[str, int]
 
 def allocator_live() -> Tuple[int, int]: ...

@@ -15,7 +15,7 @@ return ``kvc_status`` codes; ``kvcache._status.check_status`` turns them
 into exceptions.
 """
 from libc.stdint cimport int32_t, uint64_t, UINT64_MAX
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 from cpython.pyport cimport PY_SSIZE_T_MAX
 
 from kvcache._ckvc cimport (
@@ -30,6 +30,8 @@ from kvcache._ckvc cimport (
     kvc_stats_reserve, kvc_stats_get, kvc_lock_init, kvc_lock_destroy, kvc_lock_acquire,
     kvc_lock_release,
 )
+from kvcache._codec cimport FMT_F32, RowFmt, convert_rows, row_format
+from kvcache._codec import FORMATS
 from kvcache._cold cimport HEADER_BYTES, ColdFiles, layer_files, write_all
 from kvcache._policy cimport POLICY_H2O, Block, Policy, block_score, choose_slot
 from kvcache._policy import POLICIES
@@ -65,56 +67,57 @@ def allocator_live():
     return kvc_alloc_live_bytes(), kvc_alloc_live_blocks()
 
 
-cdef inline void copy_rows(kvc_copy_fn copy, char *dst, Py_ssize_t dst_step,
-                           const char *src, Py_ssize_t src_step,
-                           Py_ssize_t n, Py_ssize_t row_bytes, Py_ssize_t row_floats) noexcept nogil:
-    cdef Py_ssize_t i
-    if dst_step == row_bytes and src_step == row_bytes:
-        copy(dst, src, <size_t>(n * row_floats))  # one long copy when both sides are dense
-    else:
-        for i in range(n):
-            copy(dst + i * dst_step, src + i * src_step, <size_t>row_floats)
-
-
 cdef inline Py_ssize_t clamp_rows(Py_ssize_t rows, Py_ssize_t block) noexcept nogil:
     return 0 if rows < 0 else (block if rows > block else rows)
 
 
 # -- moves between the tiers (the caller holds the layer lock) ----------------
 cdef int _write_back(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t rows) noexcept nogil:
-    """Write rows [disk_rows, rows) of hot block b to the cold files."""
+    """Write rows [disk_rows, rows) of hot block b to the cold files (converted
+    to the cold format when it differs)."""
     cdef Block *blk = &L.blocks[b]
-    cdef Py_ssize_t d = blk.disk_rows, rb = t.row_bytes
-    cdef size_t nbytes = (rows - d) * rb
-    cdef size_t off = HEADER_BYTES + (b * t.block_tokens + d) * rb
-    cdef const char *src_k
-    cdef const char *src_v
+    cdef Py_ssize_t d = blk.disk_rows, rb = t.row_bytes, cb = t.cold_fmt.row_bytes
+    cdef size_t nbytes = (rows - d) * cb
+    cdef size_t off = HEADER_BYTES + (b * t.block_tokens + d) * cb
+    cdef const char *src_k = L.keys + (blk.slot * t.block_tokens + d) * rb
+    cdef const char *src_v = L.values + (blk.slot * t.block_tokens + d) * rb
+    cdef char *buf = NULL
+    cdef int status = KVC_OK
     if rows <= d:
         return KVC_OK
     if L.cold.fd_k < 0:
         return KVC_E_INVALID
-    if not kvc_stats_reserve(t.stats, KVC_STAT_COLD_BYTES, 2 * nbytes, t.cold_limit):
-        return KVC_E_FULL
-    src_k = L.keys + (blk.slot * t.block_tokens + d) * rb
-    src_v = L.values + (blk.slot * t.block_tokens + d) * rb
-    L.err = write_all(L.cold.fd_k, src_k, nbytes, off)
-    if L.err == 0:
-        L.err = write_all(L.cold.fd_v, src_v, nbytes, off)
-    if L.err != 0:
-        kvc_stats_sub(t.stats, KVC_STAT_COLD_BYTES, 2 * nbytes)
-        return KVC_E_IO
-    blk.crc_k = t.ops.crc32c(blk.crc_k, src_k, nbytes)
-    blk.crc_v = t.ops.crc32c(blk.crc_v, src_v, nbytes)
-    blk.disk_rows = rows
-    blk.verified = 0
-    kvc_stats_add(t.stats, KVC_STAT_BYTES_TO_COLD, 2 * nbytes)
-    return KVC_OK
+    if t.hot_fmt.kind != t.cold_fmt.kind:
+        buf = <char *>malloc(2 * nbytes)
+        if buf == NULL:
+            return KVC_E_NOMEM
+        status = convert_rows(t.ops, False, &t.hot_fmt, src_k, rb, &t.cold_fmt, buf, cb, rows - d)
+        if status == KVC_OK:
+            status = convert_rows(t.ops, False, &t.hot_fmt, src_v, rb, &t.cold_fmt, buf + nbytes, cb, rows - d)
+        src_k, src_v = buf, buf + nbytes
+    if status == KVC_OK and not kvc_stats_reserve(t.stats, KVC_STAT_COLD_BYTES, 2 * nbytes, t.cold_limit):
+        status = KVC_E_FULL
+    if status == KVC_OK:
+        L.err = write_all(L.cold.fd_k, src_k, nbytes, off)
+        if L.err == 0:
+            L.err = write_all(L.cold.fd_v, src_v, nbytes, off)
+        if L.err != 0:
+            kvc_stats_sub(t.stats, KVC_STAT_COLD_BYTES, 2 * nbytes)
+            status = KVC_E_IO
+    if status == KVC_OK:
+        blk.crc_k = t.ops.crc32c(blk.crc_k, src_k, nbytes)
+        blk.crc_v = t.ops.crc32c(blk.crc_v, src_v, nbytes)
+        blk.disk_rows = rows
+        blk.verified = 0
+        kvc_stats_add(t.stats, KVC_STAT_BYTES_TO_COLD, 2 * nbytes)
+    free(buf)
+    return status
 
 cdef int _verify(Tier *t, HotLayer *L, Py_ssize_t b) noexcept nogil:
     """Check block b's disk rows against their checksums (once per write)."""
     cdef Block *blk = &L.blocks[b]
-    cdef size_t nbytes = blk.disk_rows * t.row_bytes
-    cdef size_t off = HEADER_BYTES + b * t.block_tokens * t.row_bytes
+    cdef size_t nbytes = blk.disk_rows * t.cold_fmt.row_bytes
+    cdef size_t off = HEADER_BYTES + b * t.block_tokens * t.cold_fmt.row_bytes
     if blk.verified or blk.disk_rows == 0:
         return KVC_OK
     if (t.ops.crc32c(0, L.cold.map_k + off, nbytes) != blk.crc_k
@@ -153,40 +156,43 @@ cdef int _take_slot(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t cursor) noexc
 cdef int _load(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t cursor) noexcept nogil:
     """Bring cold block b back to RAM (verified first)."""
     cdef Block *blk = &L.blocks[b]
-    cdef Py_ssize_t rows = blk.disk_rows, rb = t.row_bytes
-    cdef size_t off = HEADER_BYTES + b * t.block_tokens * rb
+    cdef Py_ssize_t rows = blk.disk_rows, rb = t.row_bytes, cb = t.cold_fmt.row_bytes
+    cdef size_t off = HEADER_BYTES + b * t.block_tokens * cb
     cdef int status = _verify(t, L, b)
     if status == KVC_OK:
         status = _take_slot(t, L, b, cursor)
+    if status == KVC_OK:
+        status = convert_rows(t.ops, True, &t.cold_fmt, L.cold.map_k + off, cb,
+                              &t.hot_fmt, L.keys + blk.slot * t.block_tokens * rb, rb, rows)
+    if status == KVC_OK:
+        status = convert_rows(t.ops, True, &t.cold_fmt, L.cold.map_v + off, cb,
+                              &t.hot_fmt, L.values + blk.slot * t.block_tokens * rb, rb, rows)
     if status != KVC_OK:
         return status
-    copy_rows(t.ops.copy_nt, L.keys + blk.slot * t.block_tokens * rb, rb,
-              L.cold.map_k + off, rb, rows, rb, t.row_floats)
-    copy_rows(t.ops.copy_nt, L.values + blk.slot * t.block_tokens * rb, rb,
-              L.cold.map_v + off, rb, rows, rb, t.row_floats)
     kvc_stats_add(t.stats, KVC_STAT_PROMOTIONS, rows)
     kvc_stats_add(t.stats, KVC_STAT_PROMOTION_BLOCKS, 1)
-    kvc_stats_add(t.stats, KVC_STAT_BYTES_FROM_COLD, 2 * rows * rb)
+    kvc_stats_add(t.stats, KVC_STAT_BYTES_FROM_COLD, 2 * rows * cb)
     return KVC_OK
 
 cdef void _drop_disk_rows(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t keep) noexcept nogil:
     """Forget block b's disk rows from ``keep`` on, re-checksumming the rest."""
     cdef Block *blk = &L.blocks[b]
-    cdef Py_ssize_t rb = t.row_bytes
-    cdef size_t off = HEADER_BYTES + b * t.block_tokens * rb
+    cdef Py_ssize_t rb = t.row_bytes, cb = t.cold_fmt.row_bytes
+    cdef size_t off = HEADER_BYTES + b * t.block_tokens * cb
     cdef bint bad = False
     if blk.disk_rows <= keep:
         return
-    kvc_stats_sub(t.stats, KVC_STAT_COLD_BYTES, 2 * (blk.disk_rows - keep) * rb)
+    kvc_stats_sub(t.stats, KVC_STAT_COLD_BYTES, 2 * (blk.disk_rows - keep) * cb)
     if keep == 0:
         blk.crc_k = blk.crc_v = 0
-    elif blk.slot >= 0:  # the RAM copy is the reference for rows it holds
+    elif blk.slot >= 0 and t.hot_fmt.kind == t.cold_fmt.kind:
+        # the RAM copy holds the same bytes, and is the reference for them
         blk.crc_k = t.ops.crc32c(0, L.keys + blk.slot * t.block_tokens * rb, keep * rb)
         blk.crc_v = t.ops.crc32c(0, L.values + blk.slot * t.block_tokens * rb, keep * rb)
     else:
         bad = _verify(t, L, b) != KVC_OK
-        blk.crc_k = t.ops.crc32c(0, L.cold.map_k + off, keep * rb)
-        blk.crc_v = t.ops.crc32c(0, L.cold.map_v + off, keep * rb)
+        blk.crc_k = t.ops.crc32c(0, L.cold.map_k + off, keep * cb)
+        blk.crc_v = t.ops.crc32c(0, L.cold.map_v + off, keep * cb)
         if bad:  # corrupt rows stay detectably corrupt
             blk.crc_k = ~blk.crc_k
     blk.disk_rows = keep
@@ -228,14 +234,14 @@ cdef int _check_room(Tier *t, HotLayer *L, Py_ssize_t n, uint64_t *need) noexcep
     if t.cold_limit == UINT64_MAX:
         return KVC_OK
     if t.persist:  # every position goes to disk at the next flush
-        need[0] += 2 * <uint64_t>n * t.row_bytes
+        need[0] += 2 * <uint64_t>n * t.cold_fmt.row_bytes
     elif t.tiered:  # worst case: each block it pushes out is a whole block new to disk
         for b in range(L.length // B, (L.length + n + B - 1) // B):
             missing += L.blocks[b].slot < 0
         if missing:
             for b in range(t.n_slots):
                 free_slots += L.owner[b] < 0
-        need[0] += 2 * <uint64_t>max(0, missing - free_slots) * B * t.row_bytes
+        need[0] += 2 * <uint64_t>max(0, missing - free_slots) * B * t.cold_fmt.row_bytes
     return KVC_OK
 
 
@@ -245,13 +251,13 @@ cdef int _cold_fits(Tier *t, uint64_t need) noexcept nogil:
     if need == 0:
         return KVC_OK
     if t.persist:
-        held = 2 * kvc_stats_get(t.stats, KVC_STAT_ROWS_HELD) * t.row_bytes
+        held = 2 * kvc_stats_get(t.stats, KVC_STAT_ROWS_HELD) * t.cold_fmt.row_bytes
     else:
         held = kvc_stats_get(t.stats, KVC_STAT_COLD_BYTES)
     return KVC_E_FULL if need > t.cold_limit - min(t.cold_limit, held) else KVC_OK
 
 # -- stores --------------------------------------------------------------
-cdef int append_locked(Tier *t, HotLayer *L, Py_ssize_t n,
+cdef int append_locked(Tier *t, HotLayer *L, const RowFmt *fmt, Py_ssize_t n,
                        const char *k, Py_ssize_t k_step, const char *v, Py_ssize_t v_step) noexcept nogil:
     """Append n rows to a layer whose lock the caller holds and whose room
     _check_room confirmed: all or nothing."""
@@ -271,10 +277,14 @@ cdef int append_locked(Tier *t, HotLayer *L, Py_ssize_t n,
                 _cut(t, L, old, cursor)
                 return status
         cnt = min(B - off, n - i)
-        copy_rows(t.ops.copy_nt, L.keys + (blk.slot * B + off) * rb, rb, k + i * k_step, k_step,
-                  cnt, rb, t.row_floats)
-        copy_rows(t.ops.copy_nt, L.values + (blk.slot * B + off) * rb, rb, v + i * v_step, v_step,
-                  cnt, rb, t.row_floats)
+        status = convert_rows(t.ops, True, fmt, k + i * k_step, k_step,
+                              &t.hot_fmt, L.keys + (blk.slot * B + off) * rb, rb, cnt)
+        if status == KVC_OK:
+            status = convert_rows(t.ops, True, fmt, v + i * v_step, v_step,
+                                  &t.hot_fmt, L.values + (blk.slot * B + off) * rb, rb, cnt)
+        if status != KVC_OK:
+            _cut(t, L, old, cursor)
+            return status
         blk.last_use = L.tick
         i += cnt
         cursor += cnt
@@ -302,6 +312,7 @@ cdef bint _moves_blocks(Tier *t, Py_ssize_t n) noexcept nogil:
 cdef struct AppendJob:
     # One store_layers call, shared by the pool threads: task l stores layer l.
     Tier *tier
+    const RowFmt *fmt
     Py_ssize_t n
     const char *k
     const char *v
@@ -311,9 +322,9 @@ cdef struct AppendJob:
 
 cdef void append_task(void *ctx, size_t l) noexcept nogil:
     cdef AppendJob *j = <AppendJob *>ctx
-    j.status[l] = append_locked(j.tier, &j.tier.layers[l], j.n,
-                                       j.k + <Py_ssize_t>l * j.k_layer_step, j.k_step,
-                                       j.v + <Py_ssize_t>l * j.v_layer_step, j.v_step)
+    j.status[l] = append_locked(j.tier, &j.tier.layers[l], j.fmt, j.n,
+                                j.k + <Py_ssize_t>l * j.k_layer_step, j.k_step,
+                                j.v + <Py_ssize_t>l * j.v_layer_step, j.v_step)
 
 
 cdef class HotTier:
@@ -339,7 +350,9 @@ cdef class HotTier:
                               f"machine can address")
         self.t.n_layers = config.n_layers
         self.t.row_floats = config.n_kv_heads * config.head_dim
-        self.t.row_bytes = self.t.row_floats * 4
+        self.t.hot_fmt = row_format(FORMATS[config.dtype], config.n_kv_heads, config.head_dim)
+        self.t.cold_fmt = row_format(FORMATS[config.cold_format], config.n_kv_heads, config.head_dim)
+        self.t.row_bytes = self.t.hot_fmt.row_bytes
         self.t.block_tokens = config.block_tokens
         self.t.n_blocks = config.n_blocks
         self.t.n_slots = config.hot_slots
@@ -486,29 +499,33 @@ cdef class HotTier:
         return detail
 
     # -- stores --------------------------------------------------------------
-    cdef int append(self, Py_ssize_t layer, Py_ssize_t n,
+    cdef int append(self, Py_ssize_t layer, int kind, Py_ssize_t n,
                     const char *k, Py_ssize_t k_step, const char *v, Py_ssize_t v_step) noexcept nogil:
+        """Append n rows of format ``kind`` (FMT_*) to one layer."""
         cdef HotLayer *L = &self.t.layers[layer]
         cdef int status
         cdef uint64_t need = 0
+        cdef RowFmt fmt = row_format(kind, self.t.hot_fmt.n_heads, self.t.hot_fmt.head_dim)
         kvc_lock_acquire(&L.lock)
         status = _check_room(&self.t, L, n, &need)
         if status == KVC_OK:
             status = _cold_fits(&self.t, need)
         if status == KVC_OK:
-            status = append_locked(&self.t, L, n, k, k_step, v, v_step)
+            status = append_locked(&self.t, L, &fmt, n, k, k_step, v, v_step)
         kvc_lock_release(&L.lock)
         return status
 
-    cdef int append_all(self, Py_ssize_t n,
+    cdef int append_all(self, int kind, Py_ssize_t n,
                         const char *k, Py_ssize_t k_layer_step, Py_ssize_t k_step,
                         const char *v, Py_ssize_t v_layer_step, Py_ssize_t v_step) noexcept nogil:
-        """Append n rows to every layer: all layers or none (every lock held)."""
+        """Append n rows of format ``kind`` to every layer: all layers or none
+        (every lock held)."""
         cdef Py_ssize_t l
         cdef int status = KVC_OK
         cdef int threads = self.threads
         cdef uint64_t need = 0
         cdef AppendJob job
+        cdef RowFmt fmt = row_format(kind, self.t.hot_fmt.n_heads, self.t.hot_fmt.head_dim)
         cdef Py_ssize_t *old = <Py_ssize_t *>calloc(self.t.n_layers, sizeof(Py_ssize_t))
         job.status = <int *>calloc(self.t.n_layers, sizeof(int))
         if old == NULL or job.status == NULL:
@@ -526,6 +543,7 @@ cdef class HotTier:
             status = _cold_fits(&self.t, need)
         if status == KVC_OK:
             job.tier = &self.t
+            job.fmt = &fmt
             job.n = n
             job.k, job.k_layer_step, job.k_step = k, k_layer_step, k_step
             job.v, job.v_layer_step, job.v_step = v, v_layer_step, v_step
@@ -549,23 +567,29 @@ cdef class HotTier:
         return status
 
     # -- reads ---------------------------------------------------------------
-    cdef int read(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop,
+    cdef int read(self, Py_ssize_t layer, int kind, Py_ssize_t start, Py_ssize_t stop,
                   char *k, Py_ssize_t k_step, char *v, Py_ssize_t v_step) noexcept nogil:
+        """Copy rows [start, stop) of a layer out, as format ``kind`` (FMT_F32, or
+        the stored format when both tiers share it)."""
         cdef HotLayer *L = &self.t.layers[layer]
-        cdef Py_ssize_t B = self.t.block_tokens, rb = self.t.row_bytes
+        cdef Py_ssize_t B = self.t.block_tokens, rb = self.t.row_bytes, cb = self.t.cold_fmt.row_bytes
         cdef Py_ssize_t pos = start, b, off, cnt, cold_blocks = 0, s, hot = 0
         cdef size_t src_off
         cdef Block *blk
         cdef int status = KVC_OK
         cdef bint promote = self.t.promote and self.t.tiered
+        cdef RowFmt out = row_format(kind, self.t.hot_fmt.n_heads, self.t.hot_fmt.head_dim)
         kvc_lock_acquire(&L.lock)
         if L.keys == NULL:
             status = KVC_E_CLOSED
         elif stop > L.length:
             status = KVC_E_RANGE
-        elif not self.t.tiered:  # one arena, block b in slot b: a single copy
-            copy_rows(self.t.ops.copy, k, k_step, L.keys + start * rb, rb, stop - start, rb, self.t.row_floats)
-            copy_rows(self.t.ops.copy, v, v_step, L.values + start * rb, rb, stop - start, rb, self.t.row_floats)
+        elif not self.t.tiered:  # one arena, block b in slot b: a single pass
+            status = convert_rows(self.t.ops, False, &self.t.hot_fmt, L.keys + start * rb, rb,
+                                  &out, k, k_step, stop - start)
+            if status == KVC_OK:
+                status = convert_rows(self.t.ops, False, &self.t.hot_fmt, L.values + start * rb, rb,
+                                      &out, v, v_step, stop - start)
             hot = stop - start
         else:
             L.tick += 1
@@ -590,27 +614,30 @@ cdef class HotTier:
                 if status != KVC_OK:
                     break
                 if blk.slot >= 0:
-                    copy_rows(self.t.ops.copy, k + (pos - start) * k_step, k_step,
-                              L.keys + (blk.slot * B + off) * rb, rb, cnt, rb, self.t.row_floats)
-                    copy_rows(self.t.ops.copy, v + (pos - start) * v_step, v_step,
-                              L.values + (blk.slot * B + off) * rb, rb, cnt, rb, self.t.row_floats)
+                    status = convert_rows(self.t.ops, False, &self.t.hot_fmt, L.keys + (blk.slot * B + off) * rb,
+                                          rb, &out, k + (pos - start) * k_step, k_step, cnt)
+                    if status == KVC_OK:
+                        status = convert_rows(self.t.ops, False, &self.t.hot_fmt,
+                                              L.values + (blk.slot * B + off) * rb, rb,
+                                              &out, v + (pos - start) * v_step, v_step, cnt)
                     hot += cnt
                 else:
                     status = _verify(&self.t, L, b)
                     if status != KVC_OK:
                         break
-                    src_off = HEADER_BYTES + pos * rb
-                    copy_rows(self.t.ops.copy, k + (pos - start) * k_step, k_step,
-                              L.cold.map_k + src_off, rb, cnt, rb, self.t.row_floats)
-                    copy_rows(self.t.ops.copy, v + (pos - start) * v_step, v_step,
-                              L.cold.map_v + src_off, rb, cnt, rb, self.t.row_floats)
+                    src_off = HEADER_BYTES + pos * cb
+                    status = convert_rows(self.t.ops, False, &self.t.cold_fmt, L.cold.map_k + src_off, cb,
+                                          &out, k + (pos - start) * k_step, k_step, cnt)
+                    if status == KVC_OK:
+                        status = convert_rows(self.t.ops, False, &self.t.cold_fmt, L.cold.map_v + src_off, cb,
+                                              &out, v + (pos - start) * v_step, v_step, cnt)
                     kvc_stats_add(self.t.stats, KVC_STAT_COLD_HITS, cnt)
-                    kvc_stats_add(self.t.stats, KVC_STAT_BYTES_FROM_COLD, 2 * cnt * rb)
+                    kvc_stats_add(self.t.stats, KVC_STAT_BYTES_FROM_COLD, 2 * cnt * cb)
                 pos += cnt
         kvc_lock_release(&L.lock)
         if status == KVC_OK:
             kvc_stats_add(self.t.stats, KVC_STAT_TOKENS_READ, stop - start)
-            kvc_stats_add(self.t.stats, KVC_STAT_BYTES_READ, 2 * (stop - start) * rb)
+            kvc_stats_add(self.t.stats, KVC_STAT_BYTES_READ, 2 * (stop - start) * out.row_bytes)
             kvc_stats_add(self.t.stats, KVC_STAT_HOT_HITS, hot)
         return status
 
@@ -657,10 +684,10 @@ cdef class HotTier:
                 pos += cnt
             kvc_lock_release(&L.lock)
         kvc_stats_add(self.t.stats, KVC_STAT_TOKENS_READ, stop - start)
-        kvc_stats_add(self.t.stats, KVC_STAT_BYTES_READ, 2 * (stop - start) * self.t.row_bytes)
+        kvc_stats_add(self.t.stats, KVC_STAT_BYTES_READ, 2 * (stop - start) * self.t.cold_fmt.row_bytes)
         kvc_stats_add(self.t.stats, KVC_STAT_HOT_HITS, hot)
         kvc_stats_add(self.t.stats, KVC_STAT_COLD_HITS, stop - start - hot)
-        kvc_stats_add(self.t.stats, KVC_STAT_BYTES_FROM_COLD, 2 * (stop - start - hot) * self.t.row_bytes)
+        kvc_stats_add(self.t.stats, KVC_STAT_BYTES_FROM_COLD, 2 * (stop - start - hot) * self.t.cold_fmt.row_bytes)
 
     cdef int add_scores(self, Py_ssize_t layer, const float *acc, Py_ssize_t n) noexcept nogil:
         """h2o: add attention mass ``acc[p]`` to positions 0..n-1 of a layer."""
@@ -739,7 +766,7 @@ cdef class HotTier:
             total += disk_rows[b]
         L.length = length
         kvc_stats_add(self.t.stats, KVC_STAT_ROWS_HELD, length)
-        kvc_stats_add(self.t.stats, KVC_STAT_COLD_BYTES, 2 * total * self.t.row_bytes)
+        kvc_stats_add(self.t.stats, KVC_STAT_COLD_BYTES, 2 * total * self.t.cold_fmt.row_bytes)
         cdef int status = KVC_OK
         # Blocks that never leave RAM come back now: everything when the whole
         # context fits, else the sink blocks.

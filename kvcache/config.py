@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
-DTYPES = ("float32",)
+DTYPES = ("float32", "float16", "bfloat16", "int8")
 EVICTION_POLICIES = ("lru", "adaptive", "h2o")
 
 
@@ -47,7 +47,12 @@ class CacheConfig:
         Otherwise a multiple of ``block_tokens`` leaving room for the sink
         blocks plus two: older blocks then move to the cold tier on disk.
     dtype : str
-        Storage type; ``"float32"``.
+        How the hot tier stores keys and values: ``"float32"``, ``"float16"``,
+        ``"bfloat16"`` (round to nearest even) or ``"int8"`` (symmetric, one
+        float32 scale per token and head).  ``get`` returns float32 either way.
+    cold_dtype : str or None
+        How the cold tier stores them (``None``: as ``dtype``); blocks are
+        converted when they move between the tiers.
     eviction_policy : str
         Which hot block goes cold when a layer needs a slot:
         ``"lru"`` the least recently stored or read; ``"adaptive"`` the lowest
@@ -100,6 +105,7 @@ class CacheConfig:
     max_seq_len: int
     hot_tokens: Optional[int] = None
     dtype: str = "float32"
+    cold_dtype: Optional[str] = None
     eviction_policy: str = "lru"
     sink_tokens: int = 0
     block_tokens: int = 256
@@ -150,8 +156,11 @@ class CacheConfig:
             fix(name, float(value))
         if self.threads is not None:
             fix("threads", _positive_int("threads", self.threads))
-        for name, allowed in (("dtype", DTYPES), ("eviction_policy", EVICTION_POLICIES)):
+        for name, allowed in (("dtype", DTYPES), ("eviction_policy", EVICTION_POLICIES),
+                              ("cold_dtype", DTYPES)):
             value = getattr(self, name)
+            if name == "cold_dtype" and value is None:
+                continue
             if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"CacheConfig.{name}: expected one of {allowed}, got {value!r}")
         if self.cold_dir is not None and not isinstance(self.cold_dir, (str, os.PathLike)):
@@ -195,17 +204,32 @@ class CacheConfig:
         return self.hot_capacity // 4 if self.recent_tokens is None else self.recent_tokens
 
     @property
-    def fingerprint(self) -> dict:
-        """The fields a cold file must match to be read with this config."""
-        return {name: getattr(self, name)
-                for name in ("n_layers", "n_kv_heads", "head_dim", "dtype", "block_tokens")}
+    def cold_format(self) -> str:
+        """The cold tier's storage type (``cold_dtype``, else ``dtype``)."""
+        return self.dtype if self.cold_dtype is None else self.cold_dtype
+
+    def dtype_row_bytes(self, dtype: str) -> int:
+        """Bytes of one token's keys (or values) in one layer, stored as ``dtype``.
+
+        int8 rows hold the ``n_kv_heads`` float32 scales first, then the
+        values, padded to a multiple of 4 bytes so that every row's scales
+        are aligned."""
+        n = self.n_kv_heads * self.head_dim
+        if dtype == "int8":
+            return 4 * self.n_kv_heads + -(-n // 4) * 4
+        return n * (4 if dtype == "float32" else 2)
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one token's keys (or values) in one layer."""
-        return self.n_kv_heads * self.head_dim * 4
+        """Bytes of one token's keys (or values) in one layer, in the hot tier."""
+        return self.dtype_row_bytes(self.dtype)
+
+    @property
+    def cold_row_bytes(self) -> int:
+        """The same in the cold tier."""
+        return self.dtype_row_bytes(self.cold_format)
 
     @property
     def token_bytes(self) -> int:
-        """Bytes of one token's keys and values over every layer."""
+        """Bytes of one token's keys and values over every layer, in the hot tier."""
         return 2 * self.n_layers * self.row_bytes

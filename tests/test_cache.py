@@ -146,9 +146,9 @@ def test_get_read_only_out(cache):
 
 
 BAD_INPUTS = [
-    (lambda k: k.astype(np.float64), TypeError, "keys: expected dtype float32, got float64"),
-    (lambda k: k.astype(np.int32), TypeError, "keys: expected dtype float32, got int32"),
-    (lambda k: k.astype(">f4"), TypeError, "expected dtype float32, got >f4"),
+    (lambda k: k.astype(np.float64), TypeError, "keys: expected dtype float32, float16 or bfloat16, got float64"),
+    (lambda k: k.astype(np.int32), TypeError, "keys: expected dtype float32, float16 or bfloat16, got int32"),
+    (lambda k: k.astype(">f4"), TypeError, "expected dtype float32, float16 or bfloat16, got >f4"),
     (lambda k: k.tolist(), TypeError, "keys: expected a float32 array .*got list"),
     (lambda k: None, TypeError, "keys: expected a float32 array .*got NoneType"),
     (lambda k: k.tobytes(), TypeError, "got bytes"),
@@ -290,7 +290,7 @@ def test_foreign_array_types_are_viewed_without_copy(cache):
     cache.get(0, out=(ArrayInterfaceOnly(ko), memoryview(vo)))
     np.testing.assert_array_equal(ko, k)
     np.testing.assert_array_equal(vo, v)
-    with pytest.raises(TypeError, match="expected dtype float32, got float64"):
+    with pytest.raises(TypeError, match="expected dtype float32, float16 or bfloat16, got float64"):
         cache.store(0, memoryview(k.astype(np.float64)), v)
     with pytest.raises(ValueError, match="writable"):
         cache.get(0, out=(ko, memoryview(bytes(vo.nbytes)).cast("f").cast("B").cast("f")))

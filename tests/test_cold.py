@@ -115,7 +115,7 @@ def test_views_are_zero_copy_read_only_and_outlive_close():
     np.testing.assert_array_equal(vv, v[1, 2:38])
     with pytest.raises(ValueError):
         vk[0, 0, 0] = 1
-    with pytest.raises(ValueError, match="exclude each other"):
+    with pytest.raises(ValueError, match="excludes raw=True and copy=False"):
         c.get(0, copy=False, out=(np.empty((40, H, D), np.float32),) * 2)
     c.close()
     gc.collect()
@@ -176,7 +176,7 @@ def test_private_temporary_directory_is_removed_on_close_and_gc():
     del c
     gc.collect()
     assert not os.path.exists(path)
-    assert len(os.listdir("/proc/self/fd")) == fds  # every cold file closed
+    assert len(os.listdir("/proc/self/fd")) <= fds  # every cold file closed
 
 
 def test_cold_dir_must_be_empty_or_absent(tmp_path):

@@ -26,7 +26,7 @@ def test_defaults():
     ("sink_tokens", -1, ValueError, r"sink_tokens: expected an int >= 0, got -1"),
     ("sink_tokens", 17, ValueError, r"sink_tokens: expected at most hot_tokens=16, got 17"),
     ("block_tokens", 0, ValueError, r"block_tokens: expected an int >= 1, got 0"),
-    ("dtype", "float64", ValueError, r"dtype: expected one of \('float32',\), got 'float64'"),
+    ("dtype", "float64", ValueError, r"dtype: expected one of \('float32', 'float16', 'bfloat16', 'int8'\), got 'float64'"),
     ("eviction_policy", "fifo", ValueError, r"eviction_policy: expected one of .*got 'fifo'"),
     ("cold_dir", 3, TypeError, r"cold_dir: expected a path or None, got int"),
     ("threads", 0, ValueError, r"threads: expected an int >= 1, got 0"),

@@ -25,6 +25,7 @@ from hypothesis.stateful import (
 
 import kvcache
 from kvcache import CacheFullError
+from reference import roundtrip, widened
 
 N_LAYERS = 3
 N_HEADS = 2
@@ -86,8 +87,9 @@ class KVCacheMachine(RuleBasedStateMachine):
     @initialize(head_dim=st.integers(3, 5), capacity=st.integers(4, 24),
                 threads=st.integers(1, 3), tiered=st.booleans(), block=st.integers(1, 4),
                 slots=st.integers(2, 4), sinks=st.integers(0, 2),
-                policy=st.sampled_from(["lru", "adaptive", "h2o"]))
-    def make_cache(self, head_dim, capacity, threads, tiered, block, slots, sinks, policy):
+                policy=st.sampled_from(["lru", "adaptive", "h2o"]),
+                dtype=st.sampled_from(["float32", "float32", "float16", "bfloat16", "int8"]))
+    def make_cache(self, head_dim, capacity, threads, tiered, block, slots, sinks, policy, dtype):
         # tiered: a RAM budget of a few tiny blocks, so that evictions and
         # promotions happen on almost every step.
         self.D = head_dim
@@ -99,13 +101,15 @@ class KVCacheMachine(RuleBasedStateMachine):
         self.cache = kvcache.TieredKVCache(
             n_layers=N_LAYERS, n_kv_heads=N_HEADS, head_dim=head_dim,
             max_seq_len=self.max_seq_len, hot_tokens=hot, block_tokens=block,
-            sink_tokens=sinks if hot else 0, eviction_policy=policy, threads=threads)
+            sink_tokens=sinks if hot else 0, eviction_policy=policy, threads=threads, dtype=dtype)
+        self.dtype = dtype
         empty = np.empty((0, N_HEADS, head_dim), np.float32)
         self.keys = [empty.copy() for _ in range(N_LAYERS)]
         self.values = [empty.copy() for _ in range(N_LAYERS)]
-        self.row_bytes = N_HEADS * head_dim * 4
+        self.row_bytes = self.cache.config.row_bytes
         self.tokens_stored = 0
         self.tokens_read = 0
+        self.view_rows = 0  # rows read as views: counted in bytes of the stored dtype
 
     def teardown(self):
         # Only release: the invariants already checked the last state, and an
@@ -124,6 +128,8 @@ class KVCacheMachine(RuleBasedStateMachine):
         return shape
 
     def append(self, layer, k, v):
+        # the model holds what a float32 get must return: the stored dtype's rounding
+        k, v = roundtrip(k, self.dtype), roundtrip(v, self.dtype)
         self.keys[layer] = np.concatenate([self.keys[layer], k])
         self.values[layer] = np.concatenate([self.values[layer], v])
         self.tokens_stored += len(k)
@@ -298,11 +304,16 @@ class KVCacheMachine(RuleBasedStateMachine):
         if not isinstance(expected, tuple):
             return
         a, b = expected
-        k, v = self.cache.get(layer, start, stop, copy=False)
-        assert not k.flags.writeable and not v.flags.writeable
+        raw = self.dtype != "float32"
+        k, v = self.cache.get(layer, start, stop, copy=False, raw=raw)
+        if raw:
+            k, v = widened(k, self.dtype), widened(v, self.dtype)
+        else:
+            assert not k.flags.writeable and not v.flags.writeable
         assert np.array_equal(bits(k), bits(self.keys[layer][a:b]))
         assert np.array_equal(bits(v), bits(self.values[layer][a:b]))
         self.tokens_read += b - a
+        self.view_rows += b - a
 
     @rule(layer=layers, seed=seeds, reduced=st.booleans())
     def update_scores(self, layer, seed, reduced):
@@ -334,7 +345,9 @@ class KVCacheMachine(RuleBasedStateMachine):
         assert stats["tokens_stored"] == self.tokens_stored
         assert stats["bytes_stored"] == 2 * self.row_bytes * self.tokens_stored
         assert stats["tokens_read"] == self.tokens_read
-        assert stats["bytes_read"] == 2 * self.row_bytes * self.tokens_read
+        f32_row, cold_row = N_HEADS * self.D * 4, self.cache.config.cold_row_bytes
+        assert stats["bytes_read"] == 2 * (f32_row * (self.tokens_read - self.view_rows)
+                                           + cold_row * self.view_rows)
         assert stats["hot_hits"] + stats["cold_hits"] == self.tokens_read
         on_disk = sum(row[1] for l in range(N_LAYERS) for row in self.cache._hot_tier().block_table(l)[1])
         assert stats["cold_bytes_on_disk"] == 2 * self.row_bytes * on_disk

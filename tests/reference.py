@@ -1,0 +1,51 @@
+"""Plain-numpy references for the stored dtypes: what a store then a float32 get must return."""
+import ml_dtypes
+import numpy as np
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def quantize(x):
+    """int8 per (token, head), as documented: scale = max|x| / 127 (float32), q =
+    rint(x / scale) clipped to +-127; an all-zero group has scale 0 and q 0; a
+    group holding inf or NaN has scale NaN (0x7fc00000) and q 0."""
+    x = np.asarray(x, np.float32)
+    with np.errstate(all="ignore"):
+        m = np.abs(x).max(axis=-1)
+        scale = (m / np.float32(127)).astype(np.float32)
+        bad = ~np.isfinite(x).all(axis=-1)
+        scale = np.where(bad, np.uint32(0x7FC00000).view(np.float32), scale)
+        q = np.rint(x / scale[..., None])
+        q = np.where((scale[..., None] == 0) | bad[..., None], 0, q)
+        return np.clip(q, -127, 127).astype(np.int8), scale
+
+
+def dequantize(q, scale):
+    with np.errstate(all="ignore"):
+        return (q.astype(np.float32) * scale[..., None]).astype(np.float32)
+
+
+def stored(x, dtype):
+    """The stored representation of float inputs ``x`` ([..., H, D])."""
+    x = np.asarray(x).astype(np.float32)
+    with np.errstate(all="ignore"):  # overflow to inf is the documented rounding
+        if dtype == "float32":
+            return x
+        if dtype == "float16":
+            return x.astype(np.float16)
+        if dtype == "bfloat16":
+            return x.astype(BF16)
+    return quantize(x)
+
+
+def widened(s, dtype):
+    """float32 values of a stored representation."""
+    if dtype == "int8":
+        return dequantize(*s)
+    return np.asarray(s).astype(np.float32)
+
+
+def roundtrip(x, dtype, cold_dtype=None):
+    """What get() returns for ``x`` stored as ``dtype`` (then moved to ``cold_dtype``)."""
+    y = widened(stored(x, dtype), dtype)
+    return y if cold_dtype in (None, dtype) else widened(stored(y, cold_dtype), cold_dtype)
