@@ -340,8 +340,9 @@ cdef class TieredKVCache:
             are first written to those files (no fsync).  A view keeps its
             mapping alive: it stays valid after :meth:`close` and for as long
             as it is referenced, and shows the stored positions until they are
-            truncated and stored again.  Views show the stored representation:
-            with a dtype other than float32 they need ``raw=True``.
+            truncated and stored again.  Views show the cold tier's stored
+            representation: with a ``cold_dtype`` other than float32 they
+            need ``raw=True``.
         raw : bool
             Return the stored representation instead of float32 (both tiers
             must store the same dtype): float16 arrays, ``ml_dtypes.bfloat16``
@@ -373,7 +374,7 @@ cdef class TieredKVCache:
         cdef cnp.npy_intp dims[3]
         cdef int status
         c = self.config
-        if raw and c.dtype != c.cold_format:
+        if raw and copy and c.dtype != c.cold_format:
             raise ValueError(f"get(raw=True): the hot tier stores {c.dtype} and the cold tier "
                              f"{c.cold_format}; raw reads need one stored dtype")
         if (raw or not copy) and out is not None:

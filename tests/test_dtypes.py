@@ -144,6 +144,8 @@ def test_a_different_dtype_per_tier_converts_on_eviction_and_promotion():
         np.testing.assert_array_equal(gk[24:], roundtrip(k[0, 24:], "float16"))
         with pytest.raises(ValueError, match="raw reads need one stored dtype"):
             c.get(0, raw=True)
+        q, scales = c.get(0, 0, 8, copy=False, raw=True)[0]  # views: the cold tier's int8
+        np.testing.assert_array_equal(q, stored(roundtrip(k[0, :8], "float16"), "int8")[0])
         # a promoted block comes back as float16 of the int8 values
         c.get(0, 4, 8)
         assert 1 in c._hot_tier()._debug_hot_blocks(0)
