@@ -335,14 +335,14 @@ cdef class TieredKVCache:
             ``[stop - start, n_kv_heads, head_dim]``; filled and returned, and
             nothing is allocated.
         copy : bool
-            ``False`` returns read-only zero-copy views onto the cold tier's
-            memory-mapped files instead of copies; positions still only in RAM
-            are first written to those files (no fsync).  A view keeps its
-            mapping alive: it stays valid after :meth:`close` and for as long
-            as it is referenced, and shows the stored positions until they are
-            truncated and stored again.  Views show the cold tier's stored
-            representation: with a ``cold_dtype`` other than float32 they
-            need ``raw=True``.
+            ``False`` returns read-only zero-copy views instead of copies: of
+            the RAM arenas while every position fits there (``hot_tokens=None``),
+            else of the cold tier's memory-mapped files (positions still only in
+            RAM are first written to them, without fsync).  A view keeps its
+            memory alive: it stays valid after :meth:`close` and for as long as
+            it is referenced, and shows the stored positions until they are
+            truncated and stored again.  Views show the stored representation
+            of the tier they view: other than float32, they need ``raw=True``.
         raw : bool
             Return the stored representation instead of float32 (both tiers
             must store the same dtype): float16 arrays, ``ml_dtypes.bfloat16``
@@ -380,10 +380,10 @@ cdef class TieredKVCache:
         if (raw or not copy) and out is not None:
             raise ValueError("get: out= takes float32 copies; it excludes raw=True and copy=False")
         if not copy:
-            if c.cold_format != "float32" and not raw:
-                raise ValueError(f"get(copy=False): views show the stored {c.cold_format}; "
-                                 f"pass raw=True")
-            return self._views(l, a, b)
+            shown = c.cold_format if c.tiered else c.dtype
+            if shown != "float32" and not raw:
+                raise ValueError(f"get(copy=False): views show the stored {shown}; pass raw=True")
+            return self._views(l, a, b, False)
         if raw and c.dtype != "float32":
             return self._read_raw(l, a, b)
         if out is None:
@@ -404,7 +404,13 @@ cdef class TieredKVCache:
         self._raise(status, l)
         return (ko, vo) if out is None else out
 
-    cdef tuple _views(self, Py_ssize_t l, Py_ssize_t a, Py_ssize_t b):
+    cdef tuple _views(self, Py_ssize_t l, Py_ssize_t a, Py_ssize_t b, bint writable):
+        """Views of the stored rows: of the RAM arenas while every position fits
+        there, else of the cold files (rows only in RAM written there first)."""
+        rows = self.hot.arena_views(l, a, b, writable)
+        if rows is not None:
+            return (unpack_rows(rows[0], self.config.dtype, self.n_heads, self.head_dim),
+                    unpack_rows(rows[1], self.config.dtype, self.n_heads, self.head_dim))
         cold = self._cold_store()
         cdef int status
         with nogil:

@@ -13,3 +13,4 @@ cdef struct ColdFiles:
 
 cdef int write_all(int fd, const char *src, size_t n, size_t offset) noexcept nogil
 cdef ColdFiles layer_files(object store, Py_ssize_t layer)
+cdef void export_bytes(Py_buffer *view, object owner, char *ptr, Py_ssize_t nbytes, bint readonly)

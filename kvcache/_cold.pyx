@@ -57,6 +57,21 @@ cdef int write_all(int fd, const char *src, size_t n, size_t offset) noexcept no
     return 0
 
 
+cdef void export_bytes(Py_buffer *view, object owner, char *ptr, Py_ssize_t nbytes, bint readonly):
+    """Fill a buffer request with ``nbytes`` bytes at ``ptr``, owned by ``owner``."""
+    view.buf = ptr
+    view.obj = owner
+    view.len = nbytes
+    view.readonly = readonly
+    view.itemsize = 1
+    view.format = "B"
+    view.ndim = 1
+    view.shape = &view.len
+    view.strides = &view.itemsize
+    view.suboffsets = NULL
+    view.internal = NULL
+
+
 cdef class ColdMap:
     """A read-only shared mapping of one cold file; exports it as a buffer.
 
@@ -81,17 +96,7 @@ cdef class ColdMap:
     def __getbuffer__(self, Py_buffer *view, int flags):
         if flags & PyBUF_WRITABLE:
             raise BufferError("cold tier views are read-only")
-        view.buf = self.addr
-        view.obj = self
-        view.len = self.length
-        view.readonly = 1
-        view.itemsize = 1
-        view.format = "B"
-        view.ndim = 1
-        view.shape = &view.len
-        view.strides = &view.itemsize
-        view.suboffsets = NULL
-        view.internal = NULL
+        export_bytes(view, self, self.addr, self.length, True)
 
     def __releasebuffer__(self, Py_buffer *view):
         pass

@@ -33,6 +33,7 @@ cdef struct Tier:
 
 cdef class HotTier:
     cdef Tier t
+    cdef object arenas      # [Arena] keys, values of each layer; None once closed
     cdef readonly bint closed
     cdef int n_locks
     cdef public int threads

@@ -1,4 +1,4 @@
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from typing_extensions import disjoint_base
 
@@ -7,6 +7,15 @@ FORMATS: Dict[str, int]
 POLICIES: Dict[str, int]
 
 def allocator_live() -> Tuple[int, int]: ...
+
+@disjoint_base
+class Arena:
+    nbytes: int
+    def __new__(cls, nbytes: int) -> "Arena": ...
+
+@disjoint_base
+class WritableArena:
+    def __new__(cls, arena: Arena) -> "WritableArena": ...
 
 @disjoint_base
 class HotTier:
@@ -30,6 +39,8 @@ class HotTier:
     def nbytes(self) -> int: ...
     def stat(self, name: str) -> int: ...
     def error_detail(self, layer: int) -> Tuple[int, int]: ...
+    def arena_views(self, layer: int, start: int, stop: int,
+                    writable: bool = False) -> Optional[List[Any]]: ...
     def account_view(self, layer: int, start: int, stop: int) -> None: ...
     def block_table(self, layer: int) -> Tuple[int, List[Tuple[int, int, int, int]]]: ...
     def restore(self, layer: int, length: int, disk_rows: List[int], crc_k: List[int],

@@ -16,6 +16,7 @@ into exceptions.
 """
 from libc.stdint cimport int32_t, uint64_t, UINT64_MAX
 from libc.stdlib cimport calloc, free, malloc
+from cpython.buffer cimport PyBUF_WRITABLE
 from cpython.pyport cimport PY_SSIZE_T_MAX
 
 from kvcache._ckvc cimport (
@@ -32,7 +33,7 @@ from kvcache._ckvc cimport (
 )
 from kvcache._codec cimport FMT_F32, RowFmt, convert_rows, row_format
 from kvcache._codec import FORMATS
-from kvcache._cold cimport HEADER_BYTES, ColdFiles, layer_files, write_all
+from kvcache._cold cimport HEADER_BYTES, ColdFiles, export_bytes, layer_files, write_all
 from kvcache._policy cimport POLICY_H2O, Block, Policy, block_score, choose_slot
 from kvcache._policy import POLICIES
 from kvcache._simd cimport simd_ops
@@ -327,6 +328,46 @@ cdef void append_task(void *ctx, size_t l) noexcept nogil:
                                 j.v + <Py_ssize_t>l * j.v_layer_step, j.v_step)
 
 
+cdef class Arena:
+    """One RAM arena (a layer's keys or values), freed with its last reference:
+    the tier's, or that of a view handed out by ``get(copy=False)``.  So a view
+    can never dangle, even after the cache is closed."""
+    cdef char *ptr
+    cdef readonly Py_ssize_t nbytes
+
+    def __cinit__(self, Py_ssize_t nbytes):
+        self.ptr = <char *>kvc_alloc(nbytes, ARENA_ALIGN)
+        if self.ptr == NULL:
+            raise MemoryError(f"cannot allocate an arena of {nbytes} bytes")
+        self.nbytes = nbytes
+
+    def __dealloc__(self):
+        kvc_free(self.ptr)
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("the cache's arenas are read-only to callers")
+        export_bytes(view, self, self.ptr, self.nbytes, True)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+
+cdef class WritableArena:
+    """A writable export of an Arena, for integrations whose tensor libraries
+    insist on writable memory (torch): they must not write through it."""
+    cdef Arena arena
+
+    def __cinit__(self, Arena arena):
+        self.arena = arena
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        export_bytes(view, self, self.arena.ptr, self.arena.nbytes, False)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+
 cdef class HotTier:
     """The block-organised RAM arenas of every layer, and their cold tier.
 
@@ -382,15 +423,16 @@ cdef class HotTier:
                 raise MemoryError("cannot create a layer lock")
             self.n_locks += 1
         arena = <size_t>self.t.capacity * <size_t>self.t.row_bytes
+        self.arenas = [Arena(arena) for _ in range(2 * self.t.n_layers)]
         for l in range(self.t.n_layers):
             L = &self.t.layers[l]
-            L.keys = <char *>kvc_alloc(arena, ARENA_ALIGN)
-            L.values = <char *>kvc_alloc(arena, ARENA_ALIGN)
+            L.keys = (<Arena>self.arenas[2 * l]).ptr
+            L.values = (<Arena>self.arenas[2 * l + 1]).ptr
             L.blocks = <Block *>calloc(self.t.n_blocks, sizeof(Block))
             L.owner = <int32_t *>calloc(self.t.n_slots, sizeof(int32_t))
             if self.t.policy.kind == POLICY_H2O:
                 L.scores = <float *>calloc(self.t.n_blocks * self.t.block_tokens, sizeof(float))
-            if (L.keys == NULL or L.values == NULL or L.blocks == NULL or L.owner == NULL
+            if (L.blocks == NULL or L.owner == NULL
                     or (self.t.policy.kind == POLICY_H2O and L.scores == NULL)):
                 self._free_arenas()
                 check_status(KVC_E_NOMEM, f"cannot allocate 2 x {self.t.n_layers} arenas of {arena} bytes")
@@ -417,10 +459,9 @@ cdef class HotTier:
             self.t.stats = NULL
 
     cdef void _free_arenas(self) noexcept:
+        """Free the block tables (the Arena objects go with their references)."""
         cdef Py_ssize_t l
         for l in range(self.t.n_layers):
-            kvc_free(self.t.layers[l].keys)
-            kvc_free(self.t.layers[l].values)
             free(self.t.layers[l].blocks)
             free(self.t.layers[l].owner)
             free(self.t.layers[l].scores)
@@ -451,13 +492,12 @@ cdef class HotTier:
             for l in range(self.t.n_layers):
                 L = &self.t.layers[l]
                 kvc_lock_acquire(&L.lock)
-                kvc_free(L.keys)
-                kvc_free(L.values)
                 L.keys = L.values = NULL
                 L.length = 0
                 L.cold.fd_k = L.cold.fd_v = -1
                 L.cold.map_k = L.cold.map_v = NULL
                 kvc_lock_release(&L.lock)
+        self.arenas = None  # freed now, or when the last view of them goes
 
     @property
     def n_layers(self):
@@ -667,10 +707,34 @@ cdef class HotTier:
         kvc_lock_release(&L.lock)
         return status
 
+    def arena_views(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop, bint writable=False):
+        """uint8 ``[n, row_bytes]`` views of rows [start, stop) of a layer's arenas,
+        when every position is in RAM (block b in slot b), else None."""
+        cdef HotLayer *L = &self.t.layers[layer]
+        cdef int status = KVC_OK
+        if self.t.tiered:
+            return None
+        with nogil:
+            kvc_lock_acquire(&L.lock)
+            status = KVC_E_CLOSED if L.keys == NULL else (KVC_E_RANGE if stop > L.length else KVC_OK)
+            kvc_lock_release(&L.lock)
+        check_status(status)
+        arenas = self.arenas
+        import numpy as np
+        out = []
+        for kind in range(2):
+            buf = arenas[2 * layer + kind]
+            out.append(np.frombuffer(WritableArena(buf) if writable else buf, dtype=np.uint8,
+                                     count=(stop - start) * self.t.row_bytes,
+                                     offset=start * self.t.row_bytes).reshape(stop - start, self.t.row_bytes))
+        self.account_view(layer, start, stop)
+        return out
+
     def account_view(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop):
-        """Count rows handed out as cold-file views (hot_hits / cold_hits by tier)."""
+        """Count rows handed out as views (hot_hits / cold_hits by tier)."""
         cdef HotLayer *L = &self.t.layers[layer]
         cdef Py_ssize_t pos = start, b, cnt, hot = 0, B = self.t.block_tokens
+        cdef Py_ssize_t rb = self.t.cold_fmt.row_bytes if self.t.tiered else self.t.row_bytes
         with nogil:
             kvc_lock_acquire(&L.lock)
             L.tick += 1
@@ -684,10 +748,10 @@ cdef class HotTier:
                 pos += cnt
             kvc_lock_release(&L.lock)
         kvc_stats_add(self.t.stats, KVC_STAT_TOKENS_READ, stop - start)
-        kvc_stats_add(self.t.stats, KVC_STAT_BYTES_READ, 2 * (stop - start) * self.t.cold_fmt.row_bytes)
+        kvc_stats_add(self.t.stats, KVC_STAT_BYTES_READ, 2 * (stop - start) * rb)
         kvc_stats_add(self.t.stats, KVC_STAT_HOT_HITS, hot)
         kvc_stats_add(self.t.stats, KVC_STAT_COLD_HITS, stop - start - hot)
-        kvc_stats_add(self.t.stats, KVC_STAT_BYTES_FROM_COLD, 2 * (stop - start - hot) * self.t.cold_fmt.row_bytes)
+        kvc_stats_add(self.t.stats, KVC_STAT_BYTES_FROM_COLD, 2 * (stop - start - hot) * rb)
 
     cdef int add_scores(self, Py_ssize_t layer, const float *acc, Py_ssize_t n) noexcept nogil:
         """h2o: add attention mass ``acc[p]`` to positions 0..n-1 of a layer."""

@@ -122,12 +122,19 @@ def test_views_are_zero_copy_read_only_and_outlive_close():
     np.testing.assert_array_equal(vk, k[1, 2:38])  # the mapping lives as long as the view
 
 
-def test_views_of_an_all_in_ram_cache():
-    with kvcache.TieredKVCache(max_seq_len=16, **SHAPE) as c:
-        k, v = fill(c, 5)
-        vk, vv = c.get(0, copy=False)
-        np.testing.assert_array_equal(vk, k[0])
-        np.testing.assert_array_equal(vv, v[0])
+def test_views_of_an_all_in_ram_cache_are_views_of_its_arenas():
+    c = kvcache.TieredKVCache(max_seq_len=16, **SHAPE)
+    k, v = fill(c, 5)
+    vk, vv = c.get(0, copy=False)
+    np.testing.assert_array_equal(vk, k[0])
+    np.testing.assert_array_equal(vv, v[0])
+    assert not vk.flags.writeable and c._cold_dir() is None  # no file involved
+    assert np.shares_memory(vk, c.get(0, 2, 4, copy=False)[0])  # the same memory, no copy
+    c.store_layers(rows(1, layers=L, seed=9), rows(1, layers=L, seed=10))
+    np.testing.assert_array_equal(c.get(0, copy=False)[0][5], rows(1, layers=L, seed=9)[0, 0])
+    c.close()
+    gc.collect()
+    np.testing.assert_array_equal(vk, k[0])  # the arena lives as long as the view
 
 
 def test_a_corrupted_cold_block_raises_naming_file_and_block(tmp_path):
