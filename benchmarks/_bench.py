@@ -239,7 +239,8 @@ def _reset_all(sides):
 
 def measure(benchmark, *, name: str, proj: Side, baselines: list[Side],
             targets: Optional[dict] = None, budget_s: float = BUDGET_S,
-            stat: str = "median", rounds: Optional[int] = None) -> dict:
+            stat: str = "median", rounds: Optional[int] = None,
+            token_bytes: int = TOKEN_BYTES) -> dict:
     """Time one step of ``proj`` per round with pytest-benchmark, and one step of
     every baseline in the same round, alternating which goes first.
 
@@ -251,7 +252,8 @@ def measure(benchmark, *, name: str, proj: Side, baselines: list[Side],
     of medians: the amortized cost, for steps of which only some do extra work
     (a decode step that spills a block to disk every 256 positions).
     ``rounds`` fixes the number of measured rounds instead of sizing them from
-    ``budget_s``.  Returns the rows it records.
+    ``budget_s``.  ``token_bytes`` is the bytes a token moves, for benchmarks of
+    another shape.  Returns the rows it records.
     """
     targets = targets or {}
     summarize = {"median": statistics.median, "mean": statistics.fmean}[stat]
@@ -301,7 +303,7 @@ def measure(benchmark, *, name: str, proj: Side, baselines: list[Side],
     if stats is None:  # --benchmark-disable: the step ran once, nothing was timed
         return {}
     proj_s = getattr(stats.stats, stat)
-    nbytes = proj.tokens * TOKEN_BYTES
+    nbytes = proj.tokens * token_bytes
     info = benchmark.extra_info
     info.update({
         "tokens_per_step": proj.tokens,
@@ -319,7 +321,7 @@ def measure(benchmark, *, name: str, proj: Side, baselines: list[Side],
         ratio = b_s / proj_s
         target = targets.get(b.name)
         info[f"{b.name}_{stat}_s"] = b_s
-        info[f"{b.name}_GBps"] = b.tokens * TOKEN_BYTES / b_s / 1e9
+        info[f"{b.name}_GBps"] = b.tokens * token_bytes / b_s / 1e9
         info[f"ratio_vs_{b.name}"] = ratio
         if target is not None:
             info[f"target_vs_{b.name}"] = target
@@ -332,7 +334,7 @@ def measure(benchmark, *, name: str, proj: Side, baselines: list[Side],
             "GBps": nbytes / proj_s / 1e9,
             "baseline": b.name,
             "baseline_tokens_per_s": b.tokens / b_s,
-            "baseline_GBps": b.tokens * TOKEN_BYTES / b_s / 1e9,
+            "baseline_GBps": b.tokens * token_bytes / b_s / 1e9,
             "ratio": ratio,
             "target": target,
             "met": None if target is None else ratio >= target,

@@ -64,7 +64,8 @@ def kv_inputs():
     return get
 
 
-FILE_ORDER = {"test_store.py": 0, "test_get.py": 1, "test_dtypes.py": 2, "test_cold.py": 3}
+FILE_ORDER = {"test_store.py": 0, "test_get.py": 1, "test_dtypes.py": 2, "test_cold.py": 3,
+              "test_transformers.py": 4}
 
 
 def pytest_collection_modifyitems(config, items):

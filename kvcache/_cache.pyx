@@ -383,7 +383,7 @@ cdef class TieredKVCache:
             shown = c.cold_format if c.tiered else c.dtype
             if shown != "float32" and not raw:
                 raise ValueError(f"get(copy=False): views show the stored {shown}; pass raw=True")
-            return self._views(l, a, b, False)
+            return self._views(l, a, b)
         if raw and c.dtype != "float32":
             return self._read_raw(l, a, b)
         if out is None:
@@ -404,10 +404,10 @@ cdef class TieredKVCache:
         self._raise(status, l)
         return (ko, vo) if out is None else out
 
-    cdef tuple _views(self, Py_ssize_t l, Py_ssize_t a, Py_ssize_t b, bint writable):
+    cdef tuple _views(self, Py_ssize_t l, Py_ssize_t a, Py_ssize_t b):
         """Views of the stored rows: of the RAM arenas while every position fits
         there, else of the cold files (rows only in RAM written there first)."""
-        rows = self.hot.arena_views(l, a, b, writable)
+        rows = self.hot.arena_views(l, a, b)
         if rows is not None:
             return (unpack_rows(rows[0], self.config.dtype, self.n_heads, self.head_dim),
                     unpack_rows(rows[1], self.config.dtype, self.n_heads, self.head_dim))
@@ -585,6 +585,14 @@ cdef class TieredKVCache:
     def _hot_tier(self):
         """Test hook: the HotTier behind this cache."""
         return self.hot
+
+    def _whole_arenas(self, layer):
+        """Integrations: writable uint8 views of all the rows of a layer's arenas
+        (keys, values) while every position stays in RAM, else None; tensor
+        libraries refuse read-only memory.  Never write through them; rows past
+        ``layer_len(layer)`` hold nothing meaningful."""
+        self._check_open()
+        return self.hot.whole_arenas(self._layer(layer))
 
     def _cold_dir(self):
         """Test hook: the cold tier's directory, or None while there is none."""

@@ -707,7 +707,7 @@ cdef class HotTier:
         kvc_lock_release(&L.lock)
         return status
 
-    def arena_views(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop, bint writable=False):
+    def arena_views(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop):
         """uint8 ``[n, row_bytes]`` views of rows [start, stop) of a layer's arenas,
         when every position is in RAM (block b in slot b), else None."""
         cdef HotLayer *L = &self.t.layers[layer]
@@ -724,11 +724,21 @@ cdef class HotTier:
         out = []
         for kind in range(2):
             buf = arenas[2 * layer + kind]
-            out.append(np.frombuffer(WritableArena(buf) if writable else buf, dtype=np.uint8,
+            out.append(np.frombuffer(buf, dtype=np.uint8,
                                      count=(stop - start) * self.t.row_bytes,
                                      offset=start * self.t.row_bytes).reshape(stop - start, self.t.row_bytes))
         self.account_view(layer, start, stop)
         return out
+
+    def whole_arenas(self, Py_ssize_t layer):
+        """Writable uint8 ``[capacity, row_bytes]`` views of a layer's two arenas, every
+        row (for integrations that slice them as the layer grows), or None when
+        positions do not stay in place (a tiered cache).  Not counted in stats."""
+        if self.t.tiered or self.closed:
+            return None
+        import numpy as np
+        return [np.frombuffer(WritableArena(self.arenas[2 * layer + kind]), dtype=np.uint8
+                              ).reshape(self.t.capacity, self.t.row_bytes) for kind in range(2)]
 
     def account_view(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop):
         """Count rows handed out as views (hot_hits / cold_hits by tier)."""

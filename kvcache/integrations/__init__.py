@@ -1,0 +1,1 @@
+"""Adapters for inference frameworks (optional extras; ``import kvcache`` never imports them)."""

@@ -1,0 +1,188 @@
+"""TieredCache: a ``transformers`` Cache backed by a :class:`kvcache.TieredKVCache`.
+
+Needs the ``transformers`` extra (``pip install "kvcache[transformers]"``)::
+
+    from kvcache.integrations.transformers import TieredCache
+
+    cache = TieredCache(config=model.config, max_seq_len=4096, hot_tokens=1024, block_tokens=256)
+    out = model.generate(input_ids, cache=cache, max_new_tokens=64)   # or past_key_values=cache
+    print(cache.kv.stats())
+
+Keys and values cross the boundary without needless copies: a decode step's
+one-token states are stored straight from the model's tensors, and while the
+whole context is in RAM in the model's dtype, ``update`` returns tensors that
+view the cache's arenas (nothing re-copied per step).  Otherwise (part of the
+context in the cold tier, or a storage dtype other than the model's) each
+step reads the context into reused float32 buffers, converted by the SIMD
+header.  Batch size 1 only; CPU tensors only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvcache import TieredKVCache
+
+_TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_NUMPY_VIEW = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
+
+
+def model_shape(config):
+    """(layers, key/value heads, head_dim) of a transformers model config."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return text.num_hidden_layers, kv_heads, head_dim
+
+
+def _rows_to_torch(rows, dtype: str, n_heads: int, head_dim: int) -> torch.Tensor:
+    """uint8 ``[n, row_bytes]`` rows of a float dtype as a ``[1, heads, n, head_dim]`` tensor, no copy."""
+    t = torch.from_numpy(rows.view(_NUMPY_VIEW[dtype]).reshape(rows.shape[0], n_heads, head_dim))
+    if dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t.permute(1, 0, 2).unsqueeze(0)
+
+
+def _to_numpy(t: torch.Tensor):
+    """A CPU tensor as a numpy array without a copy (bfloat16 as ml_dtypes')."""
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+class TieredLayer(CacheLayerMixin):
+    """One decoder layer of a :class:`TieredCache`."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, kv: TieredKVCache, layer: int):
+        super().__init__()
+        self.kv = kv
+        self.layer = layer
+        # reused float32 (keys, values) for the copying path
+        self._buffers: Optional[Tuple[np.ndarray, np.ndarray]] = None
+        # [1, heads, capacity, head_dim] tensors over the arenas, when every position is in RAM
+        self._arenas: Optional[Tuple[torch.Tensor, ...]] = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        cfg = self.kv.config
+        rows = self.kv._whole_arenas(self.layer) if cfg.dtype == _TORCH_DTYPES.get(self.dtype) else None
+        if rows is not None:  # every position stays in RAM, in the model's dtype: slice the arenas
+            self._arenas = tuple(_rows_to_torch(r, cfg.dtype, cfg.n_kv_heads, cfg.head_dim) for r in rows)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[0] != 1:
+            raise ValueError(f"TieredCache: expected batch size 1, got {key_states.shape[0]}")
+        if key_states.device.type != "cpu":
+            raise ValueError(f"TieredCache: expected CPU tensors, got {key_states.device}")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        # [1, heads, T, head_dim] -> [T, heads, head_dim]: a view for one token,
+        # one copy for a prompt (the cache wants each token's heads contiguous).
+        k = key_states.detach()[0].transpose(0, 1)
+        v = value_states.detach()[0].transpose(0, 1)
+        if k.shape[0] > 1:
+            k, v = k.contiguous(), v.contiguous()
+        self.kv.store(self.layer, _to_numpy(k), _to_numpy(v))
+        n = self.kv.layer_len(self.layer)
+        if self._arenas is not None:  # no copy: what attention reads is the cache itself
+            self.keys, self.values = self._arenas[0][:, :, :n], self._arenas[1][:, :, :n]
+        else:
+            self.keys, self.values = self._context(n)
+        return self.keys, self.values
+
+    def _context(self, n):
+        """The layer's whole context as ``[1, heads, n, head_dim]`` tensors, copied."""
+        kv, cfg = self.kv, self.kv.config
+        if self._buffers is None or self._buffers[0].shape[0] < n:
+            cap = max(n, 2 * (0 if self._buffers is None else self._buffers[0].shape[0]))
+            cap = min(cap, cfg.max_seq_len)
+            self._buffers = tuple(np.empty((cap, cfg.n_kv_heads, cfg.head_dim), np.float32) for _ in range(2))
+        ko, vo = (b[:n] for b in self._buffers)
+        kv.get(self.layer, 0, n, out=(ko, vo))
+        return tuple(torch.from_numpy(a).permute(1, 0, 2).unsqueeze(0).to(self.dtype) for a in (ko, vo))
+
+    def get_seq_length(self) -> int:
+        return self.kv.layer_len(self.layer)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.kv.config.max_seq_len
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("TieredCache crops every layer at once: call TieredCache.crop")
+
+    def reset(self) -> None:
+        self.keys = self.values = None  # TieredCache.reset forgets the positions
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        _check_single(beam_idx.tolist(), "reorder_cache")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats != 1:
+            raise ValueError(f"TieredCache: batch size 1 only, got a repeat of {repeats}")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        _check_single(indices.tolist(), "batch_select_indices")
+
+
+def _check_single(indices, what):
+    if list(indices) != [0]:
+        raise ValueError(f"TieredCache.{what}: batch size 1 only, got indices {list(indices)}")
+
+
+class TieredCache(Cache):
+    """A ``transformers.Cache`` whose keys and values live in a :class:`kvcache.TieredKVCache`.
+
+    Parameters
+    ----------
+    config : transformers.PretrainedConfig
+        The model's config: layers, key/value heads (grouped-query attention
+        included) and head_dim are read from it.
+    max_seq_len : int
+        Positions the cache may hold.
+    **options
+        Any other :class:`kvcache.CacheConfig` field: ``hot_tokens``,
+        ``block_tokens``, ``dtype``, ``cold_dtype``, ``cold_dir``,
+        ``eviction_policy``, ``sink_tokens``, ``threads``...
+
+    Notes
+    -----
+    Semantics are DynamicCache's: ``update`` appends and returns the whole
+    context; ``crop(-k)`` drops the last k positions (``crop(n >= 0)``
+    keeps n, as ``DynamicCache.crop`` once did); ``reset`` forgets
+    everything.  ``kv`` is the underlying TieredKVCache (stats, close).
+    """
+
+    def __init__(self, config, max_seq_len: int, **options):
+        n_layers, n_kv_heads, head_dim = model_shape(config)
+        self.kv = TieredKVCache(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                                max_seq_len=max_seq_len, **options)
+        super().__init__(layers=[TieredLayer(self.kv, l) for l in range(n_layers)])
+
+    def crop(self, max_length: int) -> None:
+        n = self.kv.seq_len
+        self.kv.truncate(max(0, n + max_length) if max_length < 0 else max_length)
+
+    def reset(self) -> None:
+        super().reset()
+        self.kv.reset()
+
+    def close(self) -> None:
+        """Free the cache's memory (and its scratch files)."""
+        for layer in self.layers:
+            if isinstance(layer, TieredLayer):
+                layer._arenas = layer.keys = layer.values = None
+        self.kv.close()
