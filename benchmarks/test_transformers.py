@@ -2,7 +2,7 @@
 and StaticCache, each step one ``update`` of every layer, as a model's forward
 makes them, at 1k, 8k and 32k positions of context.
 
-Shape: 8 layers x 8 KV heads x 128 (a token = 32 KiB of float32 keys and values)
+Shape: 8 layers x 8 KV heads x 128 (a token = 64 KiB of float32 keys and values)
 so that three caches of 32k positions fit in RAM at once.  Each side is filled
 to the context (untimed), then every timed step appends one token to every
 layer and takes what ``update`` returns (what attention then reads); when a
