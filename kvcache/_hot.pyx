@@ -720,6 +720,8 @@ cdef class HotTier:
             kvc_lock_release(&L.lock)
         check_status(status)
         arenas = self.arenas
+        if arenas is None:  # closed since the check
+            check_status(KVC_E_CLOSED)
         import numpy as np
         out = []
         for kind in range(2):
@@ -734,10 +736,11 @@ cdef class HotTier:
         """Writable uint8 ``[capacity, row_bytes]`` views of a layer's two arenas, every
         row (for integrations that slice them as the layer grows), or None when
         positions do not stay in place (a tiered cache).  Not counted in stats."""
-        if self.t.tiered or self.closed:
+        arenas = self.arenas
+        if self.t.tiered or arenas is None:
             return None
         import numpy as np
-        return [np.frombuffer(WritableArena(self.arenas[2 * layer + kind]), dtype=np.uint8
+        return [np.frombuffer(WritableArena(arenas[2 * layer + kind]), dtype=np.uint8
                               ).reshape(self.t.capacity, self.t.row_bytes) for kind in range(2)]
 
     def account_view(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop):
