@@ -44,6 +44,13 @@ class _NumpyCache:
             self.v[layer][p] = v[layer, 0]
         self.pos = p + 1
 
+    def store_prefill(self, k, v):  # T tokens, every layer (k: [layers, T, H, D])
+        p, T = self.pos, k.shape[1]
+        for layer in range(len(self.k)):
+            self.k[layer][p:p + T] = k[layer]
+            self.v[layer][p:p + T] = v[layer]
+        self.pos = p + T
+
 
 def _block_tokens(hot):
     """A block size for a tiered cache of ``hot`` RAM positions (room for two blocks)."""
@@ -64,6 +71,7 @@ class _Bench:
         self.v = rng.standard_normal(shape, dtype=np.float32)
         self.k1, self.v1 = self.k[:, :1], self.v[:, :1]
         self.decode_tokens = min(self.C, a.decode_tokens)
+        self.sweep = sorted({min(T, self.C) for T in SWEEP_T})
         self.caches = []
         self.cold_dir = None
 
@@ -98,7 +106,12 @@ class _Bench:
                 np.copyto(arena[1, :, s * T:(s + 1) * T], self.v[:, :T])
             return C // T * T
 
-        npc = _NumpyCache(self.L, self.decode_tokens, self.H, self.D)
+        npc = _NumpyCache(self.L, C, self.H, self.D)
+
+        def numpy_prefill():
+            for _ in range(C // T):
+                npc.store_prefill(self.k[:, :T], self.v[:, :T])
+            return C // T * T
 
         def numpy_decode():
             for _ in range(self.decode_tokens):
@@ -141,6 +154,7 @@ class _Bench:
         rows = [
             ("copy limit (np.copyto)", limit, None),
             ("numpy cache, decode", numpy_decode, numpy_reset),
+            (f"numpy cache, prefill T={T}", numpy_prefill, numpy_reset),
             ("store, decode", store_decode, main.reset),
             (f"store_layers, prefill T={T}", lambda: self.prefill(main, T), main.reset),
             ("store_layers, decode", store_layers_decode, main.reset),
@@ -167,11 +181,10 @@ class _Bench:
         return {name: tokens[name] / float(np.median(times[name])) for name in times}
 
     def plot_rows(self):
-        """The chart's extra measurements: store_batch sweep, and each SIMD path."""
+        """The chart's batch-size sweep: store_batch of T tokens, layer after layer."""
         c = self.cache(dtype=self.a.dtype)
         rows = []
-        for T in SWEEP_T:
-            T = min(T, self.C)
+        for T in self.sweep:
 
             def batch(T=T):
                 for _ in range(self.C // T):
@@ -191,13 +204,17 @@ def _machine():
             "usable_cores": usable_cores(), **kvcache._simd.build_info()}
 
 
-def _plot(path, results, shape):
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise CLIError("--plot needs matplotlib: pip install 'kvcache[bench]'") from None
+    return plt
+
+
+def _plot(plt, path, results, shape):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     sweep = results["batch_sweep"]
     axes[0].plot([r["T"] for r in sweep], [r["gb_s"] for r in sweep], "o-", label="store_batch")
@@ -230,8 +247,7 @@ def bench(a):
         raise CLIError(f"--context must be at least 4, got {a.context}")
     if a.cold_dir and not os.path.isdir(a.cold_dir):
         raise CLIError(f"--cold-dir {a.cold_dir}: no such directory")
-    if a.threads is not None:
-        kvcache.CacheConfig(n_layers=1, n_kv_heads=1, head_dim=1, max_seq_len=1, threads=a.threads)
+    plt = _pyplot() if a.plot else None  # before the run: a missing matplotlib fails at once
     b = _Bench(a)
     shape = (f"{a.layers} layers x {a.kv_heads} KV heads x {a.head_dim}, context {a.context}, "
              f"{a.dtype}")
@@ -281,11 +297,10 @@ def bench(a):
                "limit_gb_s": limit * b.token_bytes / 1e9,
                "dtypes": {dt: rates[f"store_layers {dt}"] for dt in DTYPES}}
     if a.plot:
-        results["batch_sweep"] = [{"T": min(T, a.context),
-                                   "gb_s": rates[f"store_batch T={min(T, a.context)}"]
-                                   * b.token_bytes / 1e9} for T in SWEEP_T]
+        results["batch_sweep"] = [{"T": T, "gb_s": rates[f"store_batch T={T}"] * b.token_bytes / 1e9}
+                                  for T in b.sweep]
         results["simd"] = simd
-        _plot(a.plot, results, shape)
+        _plot(plt, a.plot, results, shape)
         print(f"chart written to {a.plot}")
     if a.json:
         with open(a.json, "w") as f:

@@ -15,11 +15,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(kvcache.__file__)))
 TINY = ["--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--context", "64", "--rounds", "2"]
 
 
-def run(*args, cwd=None):
-    """``python -m kvcache ARGS`` importing this package: (returncode, stdout, stderr)."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def run(*args, path_first=None):
+    """``python -m kvcache ARGS`` importing this package: (returncode, stdout, stderr).
+
+    ``path_first``: a directory searched for modules before everything else."""
+    path = [str(path_first)] if path_first else []
+    path += [ROOT, os.environ.get("PYTHONPATH", "")]
     p = subprocess.run([sys.executable, "-m", "kvcache", *map(str, args)], capture_output=True,
-                       text=True, env=env, cwd=cwd or ROOT, timeout=120)
+                       text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(path)),
+                       cwd=ROOT, timeout=120)
     assert "Traceback" not in p.stderr, p.stderr
     return p.returncode, p.stdout, p.stderr
 
@@ -30,7 +34,8 @@ def one_line(err):
     return lines[0]
 
 
-ROWS = ["copy limit (np.copyto)", "numpy cache, decode", "store, decode",
+ROWS = ["copy limit (np.copyto)", "numpy cache, decode", "numpy cache, prefill T=64",
+        "store, decode",
         "store_layers, prefill T=64", "store_layers, decode", "get, whole context",
         "spill, hot_tokens=16", "store_layers float32", "store_layers float16",
         "store_layers bfloat16", "store_layers int8"]
@@ -66,6 +71,14 @@ def test_bench_plot_writes_a_png(tmp_path):
                        "--plot", tmp_path / "b.png")
     assert rc == 0, err
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_fails_before_the_run(tmp_path):
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    rc, out, err = run("bench", *TINY, "--plot", tmp_path / "b.png", path_first=tmp_path)
+    assert rc == 1 and "needs matplotlib" in one_line(err)
+    assert "copy limit" not in out and not (tmp_path / "b.png").exists()
 
 
 def test_info():
