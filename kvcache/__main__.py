@@ -1,3 +1,5 @@
-from kvcache.demo import main
+"""``python -m kvcache``: the ``kvcache`` command (see kvcache.cli)."""
+if __name__ == "__main__":
+    from kvcache.cli import main
 
-main()
+    raise SystemExit(main())

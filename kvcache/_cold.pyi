@@ -12,6 +12,7 @@ INDEX_NAME: str
 INDEX_MAGIC: str
 DTYPE_CODES: Dict[str, int]
 KINDS: tuple[str, str]
+HEADER_SIZE: int
 FINGERPRINT_FIELDS: tuple[str, ...]
 INDEX_CONFIG_FIELDS: tuple[str, ...]
 

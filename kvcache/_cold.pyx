@@ -35,6 +35,7 @@ INDEX_NAME = "index.json"
 INDEX_MAGIC = "kvcache-index"
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3}
 KINDS = ("keys", "values")
+HEADER_SIZE = HEADER_BYTES  # where a cold file's rows start (HEADER_BYTES, for Python)
 _HEADER = struct.Struct("<8sIIIIIIII")  # magic, version, kind, layer, n_layers, heads, head_dim, block, dtype
 # What a cold file's header records about the rows it holds ("cold_format": their dtype).
 FINGERPRINT_FIELDS = ("n_layers", "n_kv_heads", "head_dim", "block_tokens", "cold_format")

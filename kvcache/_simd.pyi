@@ -1,4 +1,4 @@
-from typing import Any, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -7,6 +7,7 @@ from typing_extensions import Buffer
 BACKENDS: Tuple[str, ...]
 
 def simd_backend() -> str: ...
+def build_info() -> Dict[str, Any]: ...
 def available_backends() -> Tuple[str, ...]: ...
 def set_simd_backend(name: str) -> str: ...
 def copy_with(name: str, dst: npt.NDArray[np.float32], src: npt.NDArray[np.float32],

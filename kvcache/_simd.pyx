@@ -8,7 +8,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport uint32_t, uintptr_t
 from kvcache._ckvc cimport (
     KVC_N_BACKENDS, kvc_simd, kvc_simd_init, kvc_simd_force, kvc_simd_available,
-    kvc_simd_best, kvc_simd_name, kvc_simd_from_name, kvc_simd_copy_fn, kvc_copy_fn,
+    KVC_VECTOR, kvc_simd_best, kvc_simd_name, kvc_simd_from_name, kvc_simd_copy_fn, kvc_copy_fn,
     kvc_simd_crc32c_fn, kvc_crc32c_fn, kvc_simd_add_rows_fn, kvc_add_rows_fn,
     kvc_simd_cvt_fn, kvc_cvt_fn, kvc_simd_quant_fn, kvc_quant_fn, kvc_simd_dequant_fn,
     kvc_dequant_fn, KVC_CVT_F32_F16, KVC_CVT_F16_F32, KVC_CVT_F32_BF16, KVC_CVT_BF16_F32,
@@ -228,6 +228,27 @@ def dequant_i8_with(str name, q, scales):
         with nogil:
             fn(&ov[0, 0], &qv[0, 0], &sv[0], <size_t>qv.shape[0], <size_t>qv.shape[1])
     return out
+
+
+cdef extern from *:
+    """
+    #ifdef __OPTIMIZE__
+    #define KVC_BUILD_OPTIMIZED 1
+    #else
+    #define KVC_BUILD_OPTIMIZED 0
+    #endif
+    """
+    int KVC_BUILD_OPTIMIZED
+
+
+def build_info():
+    """How this build was compiled: ``{"vector": name, "debug": bool}``.
+
+    ``vector`` is the compile-time path (``KVC_VECTOR``: ``"scalar"``, ``"sse2"``
+    or ``"neon"``); ``debug`` is true for a ``KVCACHE_DEBUG=1`` build (no
+    optimisation, Cython bounds checks).
+    """
+    return {"vector": BACKENDS[KVC_VECTOR], "debug": not KVC_BUILD_OPTIMIZED}
 
 
 def _init_from_env():

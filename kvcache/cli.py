@@ -1,0 +1,445 @@
+"""The ``kvcache`` command: ``bench``, ``info`` and ``inspect``.
+
+Imported only by the entry points (``kvcache`` and ``python -m kvcache``), never by
+``import kvcache``; tqdm and matplotlib are imported when a subcommand needs them.
+Expected failures print one line on stderr and exit 1 (2 for usage errors).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import kvcache
+from kvcache.config import DTYPES, CacheConfig, usable_cores
+
+PREFILL_T = 256  # tokens per store_layers call in the prefill rows
+SWEEP_T = (1, 4, 16, 64, 256)
+
+
+class CLIError(Exception):
+    """An expected failure: printed as one line, exit status 1."""
+
+
+# -- bench ----------------------------------------------------------------------------
+class _NumpyCache:
+    """The hand-written baseline: preallocated per-layer arrays, slice assignment."""
+
+    def __init__(self, layers, context, heads, head_dim):
+        self.k = [np.ones((context, heads, head_dim), np.float32) for _ in range(layers)]
+        self.v = [np.ones((context, heads, head_dim), np.float32) for _ in range(layers)]
+        self.pos = 0
+
+    def store_decode(self, k, v):  # one token, every layer (k: [layers, 1, H, D])
+        p = self.pos
+        for layer in range(len(self.k)):
+            self.k[layer][p] = k[layer, 0]
+            self.v[layer][p] = v[layer, 0]
+        self.pos = p + 1
+
+    def store_prefill(self, k, v):  # T tokens, every layer (k: [layers, T, H, D])
+        p, T = self.pos, k.shape[1]
+        for layer in range(len(self.k)):
+            self.k[layer][p:p + T] = k[layer]
+            self.v[layer][p:p + T] = v[layer]
+        self.pos = p + T
+
+
+def _block_tokens(hot):
+    """A block size for a tiered cache of ``hot`` RAM positions (room for two blocks)."""
+    block = math.gcd(hot, 256)
+    while block > 1 and hot < 2 * block:
+        block //= 2
+    return block
+
+
+class _Bench:
+    def __init__(self, a):
+        self.a = a
+        self.L, self.H, self.D, self.C = a.layers, a.kv_heads, a.head_dim, a.context
+        self.token_bytes = 2 * self.L * self.H * self.D * 4  # float32 keys + values, every layer
+        rng = np.random.default_rng(0)
+        shape = (self.L, PREFILL_T, self.H, self.D)
+        self.k = rng.standard_normal(shape, dtype=np.float32)
+        self.v = rng.standard_normal(shape, dtype=np.float32)
+        self.k1, self.v1 = self.k[:, :1], self.v[:, :1]
+        self.decode_tokens = min(self.C, a.decode_tokens)
+        self.sweep = sorted({min(T, self.C) for T in SWEEP_T})
+        self.caches = []
+        self.cold_dir = None
+
+    def cache(self, **kw):
+        args = dict(n_layers=self.L, n_kv_heads=self.H, head_dim=self.D, max_seq_len=self.C,
+                    threads=self.a.threads)
+        args.update(kw)
+        c = kvcache.TieredKVCache(**args)
+        self.caches.append(c)
+        return c
+
+    def close(self):
+        for c in self.caches:
+            c.close()
+
+    def prefill(self, cache, T=PREFILL_T):
+        k, v = self.k[:, :T], self.v[:, :T]
+        for _ in range(self.C // T):
+            cache.store_layers(k, v)
+        return self.C // T * T
+
+    def rows(self):
+        """[(name, fn, reset)]: fn() stores or reads and returns the tokens it handled."""
+        a, C = self.a, self.C
+        arena = np.empty((2, self.L, C, self.H, self.D), np.float32)
+        arena.fill(0)  # faulted in, like the cache's prefaulted arenas
+        T = min(PREFILL_T, C)
+
+        def limit():  # np.copyto of the same bytes into a preallocated buffer
+            for s in range(C // T):
+                np.copyto(arena[0, :, s * T:(s + 1) * T], self.k[:, :T])
+                np.copyto(arena[1, :, s * T:(s + 1) * T], self.v[:, :T])
+            return C // T * T
+
+        npc = _NumpyCache(self.L, C, self.H, self.D)
+
+        def numpy_prefill():
+            for _ in range(C // T):
+                npc.store_prefill(self.k[:, :T], self.v[:, :T])
+            return C // T * T
+
+        def numpy_decode():
+            for _ in range(self.decode_tokens):
+                npc.store_decode(self.k1, self.v1)
+            return self.decode_tokens
+
+        def numpy_reset():
+            npc.pos = 0
+
+        main = self.cache(dtype=a.dtype)
+
+        def store_decode():
+            k, v = self.k[:, 0], self.v[:, 0]
+            for _ in range(self.decode_tokens):
+                for layer in range(self.L):
+                    main.store(layer, k[layer], v[layer])
+            return self.decode_tokens
+
+        def store_layers_decode():
+            for _ in range(self.decode_tokens):
+                main.store_layers(self.k1, self.v1)
+            return self.decode_tokens
+
+        reader = self.cache(dtype=a.dtype)
+        self.prefill(reader, T)
+        outs = (np.empty((reader.seq_len, self.H, self.D), np.float32),
+                np.empty((reader.seq_len, self.H, self.D), np.float32))
+
+        def get():
+            for layer in range(self.L):
+                reader.get(layer, out=outs)
+            return reader.seq_len
+
+        hot = a.hot_tokens if a.hot_tokens else max(2, C // 4)
+        cold_dir = tempfile.mkdtemp(prefix="kvcache-bench-", dir=a.cold_dir) if a.cold_dir else None
+        spill = self.cache(dtype=a.dtype, hot_tokens=hot, block_tokens=_block_tokens(hot),
+                           cold_dir=cold_dir)
+        self.cold_dir = cold_dir  # the cache removes its files on close, bench the directory
+
+        rows = [
+            ("copy limit (np.copyto)", limit, None),
+            ("numpy cache, decode", numpy_decode, numpy_reset),
+            (f"numpy cache, prefill T={T}", numpy_prefill, numpy_reset),
+            ("store, decode", store_decode, main.reset),
+            (f"store_layers, prefill T={T}", lambda: self.prefill(main, T), main.reset),
+            ("store_layers, decode", store_layers_decode, main.reset),
+            ("get, whole context", get, None),
+            (f"spill, hot_tokens={hot}", lambda: self.prefill(spill, T), spill.reset),
+        ]
+        for dt in DTYPES:
+            c = main if dt == a.dtype else self.cache(dtype=dt)
+            rows.append((f"store_layers {dt}", lambda c=c: self.prefill(c, T), c.reset))
+        return rows
+
+    def measure(self, rows, rounds, bar):
+        """Median tokens/s of each row, rows interleaved in every round (same-run ratios)."""
+        times = {name: [] for name, _, _ in rows}
+        tokens = {}
+        for _ in range(rounds):
+            for name, fn, reset in rows:
+                if reset is not None:
+                    reset()
+                t0 = time.perf_counter()
+                tokens[name] = fn()
+                times[name].append(time.perf_counter() - t0)
+                bar.update(1)
+        return {name: tokens[name] / float(np.median(times[name])) for name in times}
+
+    def plot_rows(self):
+        """The chart's batch-size sweep: store_batch of T tokens, layer after layer."""
+        c = self.cache(dtype=self.a.dtype)
+        rows = []
+        for T in self.sweep:
+
+            def batch(T=T):
+                for _ in range(self.C // T):
+                    for layer in range(self.L):
+                        c.store_batch(layer, self.k[layer, :T], self.v[layer, :T])
+                return self.C // T * T
+            rows.append((f"store_batch T={T}", batch, c.reset))
+        return rows
+
+
+def _machine():
+    return {"kvcache": kvcache.__version__, "python": platform.python_version(),
+            "numpy": np.__version__, "platform": platform.platform(),
+            "machine": platform.machine(), "processor": platform.processor(),
+            "simd_backend": kvcache.simd_backend(),
+            "available_backends": list(kvcache.available_backends()),
+            "usable_cores": usable_cores(), **kvcache._simd.build_info()}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CLIError("--plot needs matplotlib: pip install 'kvcache[bench]'") from None
+    return plt
+
+
+def _plot(plt, path, results, shape):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    sweep = results["batch_sweep"]
+    axes[0].plot([r["T"] for r in sweep], [r["gb_s"] for r in sweep], "o-", label="store_batch")
+    axes[0].axhline(results["limit_gb_s"], color="gray", ls="--", label="copy limit")
+    axes[0].set(xscale="log", xlabel="tokens per store_batch call", ylabel="GB/s",
+                title="Batch size")
+    simd = results["simd"]
+    names = list(simd)
+    x = np.arange(len(names))
+    ops = list(next(iter(simd.values())))
+    for i, op in enumerate(ops):
+        axes[1].bar(x + i * 0.8 / len(ops), [simd[n][op] for n in names], 0.8 / len(ops), label=op)
+    axes[1].set(xticks=x + 0.4 - 0.4 / len(ops), xticklabels=names, ylabel="GB/s",
+                title="SIMD path")
+    dt = results["dtypes"]
+    axes[2].bar(list(dt), [dt[d] for d in dt])
+    axes[2].set(ylabel="tokens/s", title="store_layers by dtype")
+    for ax in axes[:2]:
+        ax.legend()
+    fig.suptitle(f"kvcache {kvcache.__version__} bench: {shape}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def bench(a):
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    if a.context < 4:
+        raise CLIError(f"--context must be at least 4, got {a.context}")
+    if a.cold_dir and not os.path.isdir(a.cold_dir):
+        raise CLIError(f"--cold-dir {a.cold_dir}: no such directory")
+    plt = _pyplot() if a.plot else None  # before the run: a missing matplotlib fails at once
+    b = _Bench(a)
+    shape = (f"{a.layers} layers x {a.kv_heads} KV heads x {a.head_dim}, context {a.context}, "
+             f"{a.dtype}")
+    print(f"kvcache {kvcache.__version__}: SIMD path {kvcache.simd_backend()}, "
+          f"{a.threads or usable_cores()} threads")
+    print(f"shape {shape}; a token = keys + values of every layer = "
+          f"{b.token_bytes / 1024:g} KiB (float32)")
+    try:
+        rows = b.rows()
+        plot_rows = b.plot_rows() if a.plot else []
+        backends = [n for n in ("scalar", kvcache.simd_backend())
+                    if n in kvcache.available_backends()] if a.plot else []
+        backends = list(dict.fromkeys(backends))
+        total = a.rounds * (len(rows) + len(plot_rows) + 2 * len(backends))
+        with tqdm(total=total, desc="bench", unit="run", leave=False, file=sys.stderr) as bar:
+            rates = b.measure(rows + plot_rows, a.rounds, bar)
+            simd = {}
+            if backends:
+                active = kvcache.simd_backend()
+                simd_rows = [r for r in rows if r[0].startswith(("store_layers, prefill", "get"))]
+                try:
+                    for name in backends:
+                        kvcache.set_simd_backend(name)
+                        r = b.measure(simd_rows, a.rounds, bar)
+                        simd[name] = {k.split(",")[0]: v * b.token_bytes / 1e9 for k, v in r.items()}
+                finally:
+                    kvcache.set_simd_backend(active)
+    finally:
+        b.close()
+        if b.cold_dir:
+            os.rmdir(b.cold_dir)
+
+    limit = rates[rows[0][0]]
+    print(f"{'':<30}{'tokens/s':>12}{'GB/s':>9}{'of limit':>10}")
+    table = []
+    for name, _, _ in rows:
+        r = rates[name]
+        gbs = r * b.token_bytes / 1e9
+        table.append({"name": name, "tokens_per_s": r, "gb_s": gbs, "fraction_of_limit": r / limit})
+        print(f"{name:<30}{r:>12,.0f}{gbs:>9.2f}{r / limit:>9.2f}x")
+    print("tokens/s: full-model tokens (every layer's keys and values); GB/s: their float32 "
+          "bytes; limit: np.copyto of the same bytes into a preallocated buffer, same run")
+    results = {"machine": _machine(), "shape": {"layers": a.layers, "kv_heads": a.kv_heads,
+                                                "head_dim": a.head_dim, "context": a.context,
+                                                "dtype": a.dtype, "threads": a.threads},
+               "rounds": a.rounds, "token_bytes": b.token_bytes, "rows": table,
+               "limit_gb_s": limit * b.token_bytes / 1e9,
+               "dtypes": {dt: rates[f"store_layers {dt}"] for dt in DTYPES}}
+    if a.plot:
+        results["batch_sweep"] = [{"T": T, "gb_s": rates[f"store_batch T={T}"] * b.token_bytes / 1e9}
+                                  for T in b.sweep]
+        results["simd"] = simd
+        _plot(plt, a.plot, results, shape)
+        print(f"chart written to {a.plot}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"results written to {a.json}")
+    return 0
+
+
+# -- info -------------------------------------------------------------------------------
+def info(a):
+    build = kvcache._simd.build_info()
+    print(f"kvcache {kvcache.__version__} ({os.path.dirname(kvcache.__file__)})")
+    print(f"python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}")
+    print(f"SIMD backend: {kvcache.simd_backend()} (available: "
+          f"{', '.join(kvcache.available_backends())}; KVCACHE_SIMD="
+          f"{os.environ.get('KVCACHE_SIMD', 'auto') or 'auto'})")
+    print(f"threads: {usable_cores()} (usable cores)")
+    print(f"build: KVC_VECTOR={build['vector']} (compile-time path), "
+          f"{'debug (-O0, bounds checks)' if build['debug'] else 'optimized'}")
+    return 0
+
+
+# -- inspect ----------------------------------------------------------------------------
+def inspect(a):
+    from kvcache._cold import HEADER_SIZE as HEADER_BYTES, KINDS, _check_header, read_index
+    from kvcache._simd import crc32c
+
+    path = a.dir
+    index = read_index(path)  # FileNotFoundError / CorruptionError: one line, exit 1
+    try:
+        stored = index["config"]
+        config = CacheConfig(**stored)
+        layers = index["layers"]
+        if len(layers) != config.n_layers:
+            raise ValueError("index lists the wrong number of layers")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CLIError(f"{os.path.join(path, 'index.json')}: corrupt cache index ({exc})") from None
+    rb, B = config.cold_row_bytes, config.block_tokens
+    print(f"kvcache cache in {path}")
+    print("config: " + ", ".join(f"{k}={v}" for k, v in stored.items()))
+    lengths = [entry["length"] for entry in layers]
+    print(f"seq_len: {min(lengths, default=0)} (longest layer {max(lengths, default=0)})")
+    print("hot tier: not recorded on disk; every position is cold until the cache is reopened")
+    print(f"{'layer':>5}{'length':>9}{'blocks':>8}{'token bytes':>14}{'file bytes':>14}")
+    bad, checked = [], 0
+    for layer, entry in enumerate(layers):
+        sizes = []
+        for kind in range(2):
+            name = os.path.join(path, f"layer{layer:04d}.{KINDS[kind]}")
+            try:
+                with open(name, "rb") as f:
+                    _check_header(name, f.read(HEADER_BYTES), config, kind, layer)
+                    size = os.fstat(f.fileno()).st_size
+                    if size < HEADER_BYTES + entry["length"] * rb:
+                        raise CLIError(f"{name}: {size} bytes, shorter than the "
+                                       f"{entry['length']} positions the index records")
+                    sizes.append(size)
+                    if a.verify:
+                        crcs = entry["crc_k" if kind == 0 else "crc_v"]
+                        for b, rows in enumerate(entry["rows"]):
+                            data = os.pread(f.fileno(), rows * rb, HEADER_BYTES + b * B * rb)
+                            checked += 1
+                            if crc32c(data) != crcs[b]:
+                                bad.append(f"{name}: block {b} (positions {b * B}.."
+                                           f"{b * B + rows - 1}) checksum mismatch")
+            except FileNotFoundError:
+                raise CLIError(f"{name}: missing cold file") from None
+        print(f"{layer:>5}{entry['length']:>9}{len(entry['rows']):>8}"
+              f"{2 * sum(entry['rows']) * rb:>14,}{sum(sizes):>14,}")
+    if a.verify:
+        for line in bad:
+            print(f"kvcache: corrupt: {line}", file=sys.stderr)
+        if bad:
+            return 1
+        print(f"verify: OK, {checked} block checksums match")
+    return 0
+
+
+# -- entry point ------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A usage error: one line on stderr, exit status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser():
+    p = _Parser(prog="kvcache", description="kvcache: a KV cache for LLM "
+                                "inference on CPUs. Benchmark it, describe the build, "
+                                "inspect a persisted cache.")
+    p.add_argument("--version", action="version", version=f"kvcache {kvcache.__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{bench,info,inspect}")
+    b = sub.add_parser("bench", help="store/get throughput beside this machine's copy limit")
+    b.add_argument("--layers", type=int, default=32)
+    b.add_argument("--kv-heads", type=int, default=8)
+    b.add_argument("--head-dim", type=int, default=128)
+    b.add_argument("--context", type=int, default=None,
+                   help="tokens stored per round (default 1024, --quick 256)")
+    b.add_argument("--hot-tokens", type=int, default=None,
+                   help="RAM positions of the spill row's cache (default a quarter of the context)")
+    b.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="storage dtype of the store and get rows")
+    b.add_argument("--threads", type=int, default=None, help="store_layers threads")
+    b.add_argument("--cold-dir", default=None, help="where the spill row's cold files go")
+    b.add_argument("--rounds", type=int, default=None, help="repetitions (default 7, --quick 5)")
+    b.add_argument("--quick", action="store_true", help="a smaller context and fewer rounds")
+    b.add_argument("--json", metavar="PATH", help="write the results (and machine info) as JSON")
+    b.add_argument("--plot", metavar="PATH.png", help="write a chart (needs matplotlib)")
+    b.set_defaults(func=bench)
+    i = sub.add_parser("info", help="version, SIMD paths, threads, build flags")
+    i.set_defaults(func=info)
+    n = sub.add_parser("inspect", help="describe a persisted cache directory (read-only)")
+    n.add_argument("dir")
+    n.add_argument("--verify", action="store_true",
+                   help="recompute every block's CRC32C; exit 1 on a mismatch")
+    n.set_defaults(func=inspect)
+    return p
+
+
+def main(argv=None):
+    p = _parser()
+    a = p.parse_args(argv)
+    if a.command == "bench":
+        for name in ("layers", "kv_heads", "head_dim", "context", "hot_tokens", "threads",
+                     "rounds"):
+            value = getattr(a, name)
+            if value is not None and value < 1:
+                p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if a.context is None:
+            a.context = 256 if a.quick else 1024
+        if a.rounds is None:
+            a.rounds = 5 if a.quick else 7
+        a.decode_tokens = 64 if a.quick else 256
+    try:
+        return a.func(a)
+    except KeyboardInterrupt:
+        print("kvcache: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, OSError, ValueError, TypeError, kvcache.KVCacheError) as exc:
+        if isinstance(exc, OSError) and exc.strerror:
+            exc = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+        print(f"kvcache {a.command}: {exc}", file=sys.stderr)
+        return 1
