@@ -326,7 +326,9 @@ def read_index(path):
         raise FileNotFoundError(_errno.ENOENT, "not a persisted kvcache directory "
                                 "(no index.json; was the cache flushed?)", os.fspath(path)) from None
     try:
-        body, crc, _ = raw.decode().rsplit("\n", 2)
+        body, crc, rest = raw.decode().rsplit("\n", 2)
+        if rest:
+            raise ValueError("bytes after the checksum line")
         if int(crc, 16) != zlib.crc32(body.encode()):
             raise ValueError("checksum mismatch")
         index = json.loads(body)

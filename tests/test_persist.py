@@ -167,6 +167,9 @@ def test_damaged_files_are_detected_at_open_or_on_read(tmp_path):
     idx.write_text(json.dumps(data) + "\n" + crc + "\n")
     with pytest.raises(kvcache.CorruptionError, match="corrupt cache index"):
         kvcache.TieredKVCache.open(d)
+    idx.write_text(body + "\n" + crc + "\nappended")
+    with pytest.raises(kvcache.CorruptionError, match="bytes after the checksum line"):
+        kvcache.TieredKVCache.open(d)
 
 
 WRITER = textwrap.dedent("""
