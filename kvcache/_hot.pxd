@@ -25,7 +25,7 @@ cdef struct Tier:
     kvc_simd_ops *ops
     Policy policy
     RowFmt hot_fmt, cold_fmt
-    Py_ssize_t n_layers, row_floats, row_bytes   # row_bytes: hot_fmt.row_bytes
+    Py_ssize_t n_layers, row_bytes   # row_bytes: hot_fmt.row_bytes
     Py_ssize_t block_tokens, n_blocks, n_slots, capacity, max_len
     bint tiered, persist, promote
     uint64_t cold_limit     # max_cold_bytes, or UINT64_MAX

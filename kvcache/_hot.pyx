@@ -390,7 +390,6 @@ cdef class HotTier:
                               f"{config.n_kv_heads * config.head_dim} floats is larger than this "
                               f"machine can address")
         self.t.n_layers = config.n_layers
-        self.t.row_floats = config.n_kv_heads * config.head_dim
         self.t.hot_fmt = row_format(FORMATS[config.dtype], config.n_kv_heads, config.head_dim)
         self.t.cold_fmt = row_format(FORMATS[config.cold_format], config.n_kv_heads, config.head_dim)
         self.t.row_bytes = self.t.hot_fmt.row_bytes
@@ -509,16 +508,8 @@ cdef class HotTier:
         return self.t.capacity
 
     @property
-    def row_floats(self):
-        return self.t.row_floats
-
-    @property
     def row_bytes(self):
         return self.t.row_bytes
-
-    @property
-    def tiered(self):
-        return self.t.tiered
 
     @property
     def nbytes(self):
