@@ -5,6 +5,7 @@ without it.  See README.md, "Thread safety", for the concurrency contract.
 """
 import dataclasses
 import os
+import threading
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from cpython.number cimport PyIndex_Check
 from kvcache._arrays cimport array_kind, as_array, check_rows
 from kvcache._codec cimport FMT_F32
 from kvcache._codec import FORMATS, unpack_rows
-from kvcache._ckvc cimport KVC_OK, KVC_E_FULL, KVC_E_RANGE, KVC_E_IO, KVC_E_CORRUPT
+from kvcache._ckvc cimport KVC_OK, KVC_E_CLOSED, KVC_E_FULL, KVC_E_RANGE, KVC_E_IO, KVC_E_CORRUPT
 from kvcache._hot cimport HotTier
 from kvcache._hot import STAT_NAMES
 from kvcache._cold cimport HEADER_BYTES
@@ -25,6 +26,22 @@ from kvcache.config import CacheConfig, usable_cores
 from kvcache.errors import CacheClosedError, CorruptionError
 
 cnp.import_array()
+
+
+def _index_entry(length, blocks, B):
+    """The index's record of a layer: the prefix its files hold (complete blocks,
+    then the partial one; stores that ran since the write-back are not on disk)."""
+    keep = 0
+    for _, rows, _, _ in blocks:
+        keep += rows
+        if rows < B:
+            break
+    keep = min(keep, length)
+    nb = (keep + B - 1) // B
+    return {"length": keep,
+            "rows": [min(B, keep - i * B) for i in range(nb)],
+            "crc_k": [k for _, _, k, _ in blocks[:nb]],
+            "crc_v": [v for _, _, _, v in blocks[:nb]]}
 
 
 cdef class TieredKVCache:
@@ -57,6 +74,7 @@ cdef class TieredKVCache:
     cdef HotTier hot
     cdef object cold        # ColdStore, or None while every position is in RAM and no view was asked
     cdef list durable       # persist: per-layer lengths the last index records
+    cdef object index_lock  # serialises flush and close (the index's writers)
     cdef Py_ssize_t n_layers, n_heads, head_dim
 
     def __init__(self, config=None, *, _index=None, **kwargs):
@@ -67,6 +85,7 @@ cdef class TieredKVCache:
         elif not isinstance(config, CacheConfig):
             raise TypeError(f"TieredKVCache: expected a CacheConfig, got {type(config).__name__}")
         self.config = config
+        self.index_lock = threading.Lock()
         self.n_layers = config.n_layers
         self.n_heads = config.n_kv_heads
         self.head_dim = config.head_dim
@@ -80,6 +99,10 @@ cdef class TieredKVCache:
             self._restore(_index)
         elif config.tiered or config.persist or config.cold_dir is not None:
             self._cold_store()
+            if config.persist:
+                # an empty index at once: a process lost before its first
+                # flush leaves a directory open() reopens (empty), not a stray one
+                self.flush()
 
     cdef object _cold_store(self):
         if self.cold is None:
@@ -165,15 +188,16 @@ cdef class TieredKVCache:
     def close(self):
         """Free the cache's memory and its scratch files.  Idempotent; waits for
         stores and gets in flight.  With ``persist=True`` it flushes first."""
-        if self.hot is None or self.hot.closed:
-            return
-        try:
-            if self.config.persist:
-                self.flush()
-        finally:
-            self.hot.close()
-            if self.cold is not None:
-                self.cold.close()
+        with self.index_lock:  # a racing close() returns once this one is done
+            if self.hot is None or self.hot.closed:
+                return
+            try:
+                if self.config.persist:
+                    self._persist(True)
+            finally:
+                self.hot.close()
+                if self.cold is not None:
+                    self.cold.close()
 
     @property
     def closed(self):
@@ -472,8 +496,8 @@ cdef class TieredKVCache:
         cdef Py_ssize_t n
         with nogil:
             n = self.hot.length(l)
-        if n < 0:  # closed by another thread since the caller's check
-            self._check_open()
+        if n < 0:  # closed (or being closed) by another thread since the caller's check
+            check_status(KVC_E_CLOSED)
         return n
 
     def truncate(self, n):
@@ -514,35 +538,41 @@ cdef class TieredKVCache:
         self._check_open()
         if not self.config.persist:
             raise ValueError("flush: this cache was created with persist=False; nothing is kept")
+        with self.index_lock:  # one index writer at a time (flush, close)
+            self._persist(False)
+
+    cdef int _persist(self, bint seal) except -1:
+        """flush(), or with ``seal`` close()'s last flush: each layer is written
+        back and closed under its lock, so a store either lands before it (and
+        is kept) or raises CacheClosedError.  The caller holds index_lock."""
         cdef Py_ssize_t l, length
-        cdef int status
+        cdef int status, failed = KVC_OK, failed_layer = 0
         layers = []
         for l in range(self.n_layers):
-            length = self._length(l)
-            with nogil:
-                status = self.hot.write_back_range(l, 0, length, False)
-            if status == KVC_E_FULL:
-                check_status(status, f"flush: the cache holds more than max_cold_bytes="
-                                     f"{self.config.max_cold_bytes} bytes")
-            self._raise(status, l)
-            length, blocks = self.hot.block_table(l)
-            # Stores that ran since the write-back are not on disk yet: record
-            # the prefix that is (complete blocks, then the partial one).
-            B = self.config.block_tokens
-            keep = 0
-            for _, rows, _, _ in blocks:
-                keep += rows
-                if rows < B:
-                    break
-            keep = min(keep, length)
-            nb = (keep + B - 1) // B
-            layers.append({"length": keep,
-                           "rows": [min(B, keep - i * B) for i in range(nb)],
-                           "crc_k": [k for _, _, k, _ in blocks[:nb]],
-                           "crc_v": [v for _, _, _, v in blocks[:nb]]})
+            if seal:
+                status, table = self.hot.seal(l)
+                if table is None:
+                    check_status(status)  # closed by someone else: not under index_lock
+                length, blocks = table
+                if status != KVC_OK and failed == KVC_OK:
+                    failed, failed_layer = status, l  # keep what is on disk; raise at the end
+            else:
+                length = self._length(l)
+                with nogil:
+                    status = self.hot.write_back_range(l, 0, length, False)
+                self._check_write_back(status, l)
+                length, blocks = self.hot.block_table(l)
+            layers.append(_index_entry(length, blocks, self.config.block_tokens))
         self.cold.fsync()
         self.cold.write_index(layers)
         self.durable = [entry["length"] for entry in layers]
+        self._check_write_back(failed, failed_layer)
+
+    cdef int _check_write_back(self, int status, Py_ssize_t l) except -1:
+        if status == KVC_E_FULL:
+            check_status(status, f"flush: the cache holds more than max_cold_bytes="
+                                 f"{self.config.max_cold_bytes} bytes")
+        return self._raise(status, l)
 
     def update_scores(self, layer, attn):
         """Add attention weights to the "h2o" policy's per-position scores.

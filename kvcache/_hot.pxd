@@ -52,3 +52,4 @@ cdef class HotTier:
     cdef int truncate(self, Py_ssize_t n) noexcept nogil
     cdef Py_ssize_t length(self, Py_ssize_t layer) noexcept nogil
     cdef void _free_arenas(self) noexcept
+    cdef tuple _table(self, HotLayer *L)

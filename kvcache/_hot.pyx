@@ -246,6 +246,30 @@ cdef int _check_room(Tier *t, HotLayer *L, Py_ssize_t n, uint64_t *need) noexcep
     return KVC_OK
 
 
+cdef int _write_back_blocks(Tier *t, HotLayer *L, Py_ssize_t start, Py_ssize_t stop,
+                            bint check) noexcept nogil:
+    """Write the hot blocks holding positions [start, stop) to the cold files
+    (with ``check``, verify the cold ones); the layer's lock is held."""
+    cdef Py_ssize_t b, B = t.block_tokens
+    cdef int status = KVC_OK
+    for b in range(start // B, (stop + B - 1) // B):
+        if L.blocks[b].slot >= 0:
+            status = _write_back(t, L, b, clamp_rows(L.length - b * B, B))
+        elif check:
+            status = _verify(t, L, b)
+        if status != KVC_OK:
+            break
+    return status
+
+
+cdef void _close_layer(HotLayer *L) noexcept nogil:
+    """Mark a layer closed: every call on it now returns KVC_E_CLOSED (lock held)."""
+    L.keys = L.values = NULL
+    L.length = 0
+    L.cold.fd_k = L.cold.fd_v = -1
+    L.cold.map_k = L.cold.map_v = NULL
+
+
 cdef int _cold_fits(Tier *t, uint64_t need) noexcept nogil:
     """KVC_E_FULL if ``need`` more cold bytes would pass max_cold_bytes."""
     cdef uint64_t held
@@ -491,12 +515,32 @@ cdef class HotTier:
             for l in range(self.t.n_layers):
                 L = &self.t.layers[l]
                 kvc_lock_acquire(&L.lock)
-                L.keys = L.values = NULL
-                L.length = 0
-                L.cold.fd_k = L.cold.fd_v = -1
-                L.cold.map_k = L.cold.map_v = NULL
+                _close_layer(L)
                 kvc_lock_release(&L.lock)
         self.arenas = None  # freed now, or when the last view of them goes
+
+    def seal(self, Py_ssize_t layer):
+        """Close one layer of a persisted cache: under its lock, write every
+        position to the cold files, take its block table, then close it, so
+        that no store can land between the last write and the close.
+
+        Returns (status of the write-back, (length, block table)); the table
+        records what is on disk even when the write-back failed.
+        """
+        cdef HotLayer *L = &self.t.layers[layer]
+        cdef int status = KVC_E_CLOSED
+        table = None
+        with nogil:
+            kvc_lock_acquire(&L.lock)
+        try:
+            if L.keys != NULL:
+                with nogil:
+                    status = _write_back_blocks(&self.t, L, 0, L.length, False)
+                table = self._table(L)
+                _close_layer(L)
+        finally:
+            kvc_lock_release(&L.lock)
+        return status, table
 
     @property
     def n_layers(self):
@@ -680,21 +724,14 @@ cdef class HotTier:
         their bytes without another look).
         """
         cdef HotLayer *L = &self.t.layers[layer]
-        cdef Py_ssize_t b, B = self.t.block_tokens
-        cdef int status = KVC_OK
+        cdef int status
         kvc_lock_acquire(&L.lock)
         if L.keys == NULL:
             status = KVC_E_CLOSED
         elif stop > L.length:
             status = KVC_E_RANGE
         else:
-            for b in range(start // B, (stop + B - 1) // B):
-                if L.blocks[b].slot >= 0:
-                    status = _write_back(&self.t, L, b, clamp_rows(L.length - b * B, B))
-                elif check:
-                    status = _verify(&self.t, L, b)
-                if status != KVC_OK:
-                    break
+            status = _write_back_blocks(&self.t, L, start, stop, check)
         kvc_lock_release(&L.lock)
         return status
 
@@ -802,16 +839,19 @@ cdef class HotTier:
     def block_table(self, Py_ssize_t layer):
         """(length, [(slot, disk_rows, crc_k, crc_v) per block up to the end])."""
         cdef HotLayer *L = &self.t.layers[layer]
-        cdef Py_ssize_t b, n
-        cdef list rows = []
         with nogil:
             kvc_lock_acquire(&L.lock)
         try:
-            n = L.length
-            for b in range((n + self.t.block_tokens - 1) // self.t.block_tokens):
-                rows.append((L.blocks[b].slot, L.blocks[b].disk_rows, L.blocks[b].crc_k, L.blocks[b].crc_v))
+            return self._table(L)
         finally:
             kvc_lock_release(&L.lock)
+
+    cdef tuple _table(self, HotLayer *L):
+        """block_table's work; the caller holds the layer's lock."""
+        cdef Py_ssize_t b, n = L.length
+        cdef list rows = []
+        for b in range((n + self.t.block_tokens - 1) // self.t.block_tokens):
+            rows.append((L.blocks[b].slot, L.blocks[b].disk_rows, L.blocks[b].crc_k, L.blocks[b].crc_v))
         return n, rows
 
     def restore(self, Py_ssize_t layer, Py_ssize_t length, list disk_rows, list crc_k, list crc_v):

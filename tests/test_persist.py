@@ -6,12 +6,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import crash_writer
 import kvcache
 from conftest import SHAPE, rows
+from kvcache._cold import HEADER_SIZE
+from reference import roundtrip
 
 L = SHAPE["n_layers"]
 
@@ -62,7 +66,9 @@ def test_sinks_are_back_in_ram_after_open_the_rest_comes_lazily(tmp_path, policy
         assert c._hot_tier()._debug_hot_blocks(0)[:2] == [0, 1]
 
 
-def test_only_flushed_positions_survive_a_lost_process(tmp_path):
+@pytest.mark.parametrize("flushed", [30, 0])
+def test_only_flushed_positions_survive_a_lost_process(tmp_path, flushed):
+    """A process lost before its first flush leaves an empty cache, not a stray directory."""
     d = tmp_path / "c"
     code = textwrap.dedent(f"""
         import os, numpy as np, kvcache
@@ -71,15 +77,19 @@ def test_only_flushed_positions_survive_a_lost_process(tmp_path):
             cold_dir={str(d)!r}, persist=True)
         c.store_layers(np.ones(({L}, 30, {SHAPE['n_kv_heads']}, {SHAPE['head_dim']}), np.float32),
                        np.ones(({L}, 30, {SHAPE['n_kv_heads']}, {SHAPE['head_dim']}), np.float32))
-        c.flush()
+        if {flushed}:
+            c.flush()
         c.store_layers(np.zeros(({L}, 7, {SHAPE['n_kv_heads']}, {SHAPE['head_dim']}), np.float32),
                        np.zeros(({L}, 7, {SHAPE['n_kv_heads']}, {SHAPE['head_dim']}), np.float32))
         os._exit(0)  # no close, no flush
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
     with kvcache.TieredKVCache.open(d) as c:
-        assert c.seq_len == 30
+        assert [c.layer_len(l) for l in range(L)] == [flushed] * L
         assert (c.get(0)[0] == 1).all()
+        c.store_layers(rows(5, layers=L), rows(5, layers=L))  # and it goes on from there
+    with kvcache.TieredKVCache.open(d) as c:
+        assert c.seq_len == flushed + 5
 
 
 def test_truncate_below_the_flushed_length_is_made_durable(tmp_path):
@@ -172,54 +182,40 @@ def test_damaged_files_are_detected_at_open_or_on_read(tmp_path):
         kvcache.TieredKVCache.open(d)
 
 
-WRITER = textwrap.dedent("""
-    import sys, numpy as np, kvcache
-    d, H, D, L = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    def tok(p):  # position p's keys for every layer, reproducible
-        rng = np.random.default_rng(p)
-        return rng.standard_normal((L, 1, H, D), dtype=np.float32)
-    c = kvcache.TieredKVCache(n_layers=L, n_kv_heads=H, head_dim=D, max_seq_len=100000,
-                              hot_tokens=16, block_tokens=4, cold_dir=d, persist=True)
-    p = 0
-    while True:
-        for _ in range(int(np.random.default_rng(p + 7).integers(1, 9))):
-            k = tok(p)
-            c.store_layers(k, -k)
-            p += 1
-        c.flush()
-        print(p, flush=True)
-""")
-
-
-def flush_points(limit):
-    """The lengths WRITER flushes at, in order (its chunk sizes are seeded)."""
-    p, points = 0, []
-    while p < limit:
-        p += int(np.random.default_rng(p + 7).integers(1, 9))
-        points.append(p)
-    return points
+CRASH_CONFIGS = [("float32", 16), ("float16", 16), ("int8", 16), ("float32", None), ("bfloat16", 8)]
 
 
 def test_sigkill_at_random_moments_leaves_a_flushed_prefix(tmp_path):
+    """25 children, killed at random moments while storing (three ways),
+    truncating and flushing, in every dtype, tiered or not: each directory
+    reopens to exactly the state of a completed flush.  Rows written after it
+    (evicted blocks, a flush cut short) are a tail the index does not cover:
+    never returned, and overwritten by later stores."""
     rng = np.random.default_rng(2026)
     H, D = SHAPE["n_kv_heads"], SHAPE["head_dim"]
-    for trial in range(20):
+    tails = 0
+    for trial in range(25):
+        dtype, hot = CRASH_CONFIGS[trial % len(CRASH_CONFIGS)]
         d = tmp_path / f"c{trial}"
-        with subprocess.Popen([sys.executable, "-c", WRITER, str(d), str(H), str(D), str(L)],
+        args = [str(d), str(trial), dtype, str(hot).lower(), str(L), str(H), str(D)]
+        with subprocess.Popen([sys.executable, str(Path(__file__).with_name("crash_writer.py")), *args],
                               stdout=subprocess.PIPE, text=True) as proc:
             first = proc.stdout.readline()  # at least one flush happened
             assert first.strip()
-            time.sleep(float(rng.uniform(0, 0.15)))
+            time.sleep(float(rng.uniform(0, 0.2)))
             proc.send_signal(signal.SIGKILL)
-            flushed = [int(first)] + [int(x) for x in proc.stdout.read().split()]
+            done = [int(first)] + [int(x) for x in proc.stdout.read().split()]
+        # the last reported flush, or the next one if it completed before its line was printed
+        candidates = crash_writer.states(trial, done[-1] + 1, (L, H, D))[done[-1]:]
         with kvcache.TieredKVCache.open(d) as c:
             n = c.seq_len
-            # exactly a flushed prefix: the last reported flush, or one that
-            # completed before its line was printed
-            assert n >= flushed[-1] and n in flush_points(n), (n, flushed[-1])
             assert [c.layer_len(l) for l in range(L)] == [n] * L
+            # consecutive states differ in length (a step stores >= 1 position or truncates)
+            (keys,) = [keys for keys in candidates if keys.shape[1] == n]
             for l in range(L):
                 k, v = c.get(l)
-                want = np.concatenate([np.random.default_rng(p).standard_normal(
-                    (L, 1, H, D), dtype=np.float32)[l] for p in range(n)])
-                assert k.tobytes() == want.tobytes() and v.tobytes() == (-want).tobytes()
+                assert k.tobytes() == roundtrip(keys[l], dtype).tobytes(), (trial, l)
+                assert v.tobytes() == roundtrip(-keys[l], dtype).tobytes(), (trial, l)
+            row = c.config.cold_row_bytes
+        tails += os.path.getsize(d / "layer0000.keys") > HEADER_SIZE + n * row
+    assert tails > 0  # some kills did leave rows past the flushed length

@@ -1,7 +1,8 @@
 """TieredKVCache against a plain-numpy model, driven by a hypothesis state machine.
 
 The model is one ``[n, H, D]`` float32 array of keys and one of values per
-layer, plus the counters ``stats()`` must report.  Every rule does the same
+layer, plus the counters ``stats()`` must report, plus (for ``persist=True``
+caches) the prefix of every layer the last flush made durable.  Every rule does the same
 thing to the cache and to the model; after every step the invariants compare
 every stored byte, the lengths and the counters.  Token data are random
 32-bit patterns viewed as float32 (NaN payloads, infinities, -0.0,
@@ -10,7 +11,10 @@ subnormals), so "equal" means bit-for-bit equal.
 Runs in a few seconds by default.  Set ``CI=1`` (or ``KVCACHE_DERANDOMIZE=1``)
 for a derandomized, database-free run whose outcome never varies.
 """
+import gc
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -88,8 +92,10 @@ class KVCacheMachine(RuleBasedStateMachine):
                 threads=st.integers(1, 3), tiered=st.booleans(), block=st.integers(1, 4),
                 slots=st.integers(2, 4), sinks=st.integers(0, 2),
                 policy=st.sampled_from(["lru", "adaptive", "h2o"]),
-                dtype=st.sampled_from(["float32", "float32", "float16", "bfloat16", "int8"]))
-    def make_cache(self, head_dim, capacity, threads, tiered, block, slots, sinks, policy, dtype):
+                dtype=st.sampled_from(["float32", "float32", "float16", "bfloat16", "int8"]),
+                persist=st.booleans())
+    def make_cache(self, head_dim, capacity, threads, tiered, block, slots, sinks, policy, dtype,
+                   persist):
         # tiered: a RAM budget of a few tiny blocks, so that evictions and
         # promotions happen on almost every step.
         self.D = head_dim
@@ -98,15 +104,24 @@ class KVCacheMachine(RuleBasedStateMachine):
         if tiered and (slots + -(-sinks // block)) * block < capacity:
             hot = (slots + -(-sinks // block)) * block
         self.max_seq_len = capacity
+        self.persist = persist
+        self.tmp = tempfile.mkdtemp(prefix="kvc-stateful-") if persist else None
+        self.cold_dir = os.path.join(self.tmp, "cold") if persist else None
         self.cache = kvcache.TieredKVCache(
             n_layers=N_LAYERS, n_kv_heads=N_HEADS, head_dim=head_dim,
             max_seq_len=self.max_seq_len, hot_tokens=hot, block_tokens=block,
-            sink_tokens=sinks if hot else 0, eviction_policy=policy, threads=threads, dtype=dtype)
+            sink_tokens=sinks if hot else 0, eviction_policy=policy, threads=threads, dtype=dtype,
+            cold_dir=self.cold_dir, persist=persist)
         self.dtype = dtype
         empty = np.empty((0, N_HEADS, head_dim), np.float32)
         self.keys = [empty.copy() for _ in range(N_LAYERS)]
         self.values = [empty.copy() for _ in range(N_LAYERS)]
+        self.durable = (list(self.keys), list(self.values))  # what the last flush kept
         self.row_bytes = self.cache.config.row_bytes
+        self.reset_counters()
+
+    def reset_counters(self):
+        """The model's view of stats(): they start from zero in each cache object."""
         self.tokens_stored = 0
         self.tokens_read = 0
         self.view_rows = 0  # rows read as views: counted in bytes of the stored dtype
@@ -117,6 +132,8 @@ class KVCacheMachine(RuleBasedStateMachine):
         cache = getattr(self, "cache", None)
         if cache is not None:
             cache.close()
+        if getattr(self, "tmp", None):
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- helpers ------------------------------------------------------------
     def token_shape(self, t=None, n_layers=None):
@@ -235,6 +252,9 @@ class KVCacheMachine(RuleBasedStateMachine):
     @rule(n=st.integers(0, 30))
     def truncate(self, n):
         self.cache.truncate(n)
+        if self.persist and any(n < len(k) for k in self.durable[0]):
+            # documented: a truncate below the flushed length flushes at once
+            self.durable = ([k[:n] for k in self.keys], [v[:n] for v in self.values])
         self.keys = [k[:n] for k in self.keys]
         self.values = [v[:n] for v in self.values]
 
@@ -245,9 +265,43 @@ class KVCacheMachine(RuleBasedStateMachine):
 
     @rule()
     def reset(self):
-        self.cache.reset()
-        self.keys = [k[:0] for k in self.keys]
-        self.values = [v[:0] for v in self.values]
+        self.truncate(0)  # the same call, as documented
+
+    # -- persistence --------------------------------------------------------
+    @rule()
+    def flush(self):
+        if not self.persist:
+            self.assert_unchanged_after(ValueError, self.cache.flush)
+            return
+        self.cache.flush()
+        self.durable = (list(self.keys), list(self.values))
+
+    @rule(policy=st.sampled_from([None, "lru", "adaptive", "h2o"]), threads=st.integers(1, 3))
+    def close_and_open(self, policy, threads):
+        """close() flushes; open() in "a later process" finds every position."""
+        if not self.persist:
+            return
+        self.cache.close()
+        self.durable = (list(self.keys), list(self.values))
+        self.reopen(policy, threads)
+
+    @rule()
+    def lose_the_process(self):
+        """The object is dropped without close(): like a crash, only the last
+        flush survives (garbage collection does not flush)."""
+        if not self.persist:
+            return
+        self.cache = None
+        gc.collect()
+        self.keys, self.values = list(self.durable[0]), list(self.durable[1])
+        self.reopen(None, 1)
+
+    def reopen(self, policy, threads):
+        overrides = {"threads": threads}
+        if policy is not None:
+            overrides["eviction_policy"] = policy
+        self.cache = kvcache.TieredKVCache.open(self.cold_dir, **overrides)
+        self.reset_counters()
 
     # -- reads --------------------------------------------------------------
     @rule(layer=layers, start=positions, stop=positions,
