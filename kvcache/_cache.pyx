@@ -189,12 +189,12 @@ cdef class TieredKVCache:
         """Free the cache's memory and its scratch files.  Idempotent; waits for
         stores and gets in flight.  With ``persist=True`` it flushes first."""
         with self.index_lock:  # a racing close() returns once this one is done
-            if self.hot is None or self.hot.closed:
+            if self.hot is None:
                 return
             try:
-                if self.config.persist:
+                if self.config.persist and not self.hot.closed:
                     self._persist(True)
-            finally:
+            finally:  # both idempotent
                 self.hot.close()
                 if self.cold is not None:
                     self.cold.close()

@@ -14,6 +14,7 @@ fsync'd, renamed, directory fsync'd) records each layer's length and, per
 block, the rows on disk and their CRC32C checksums.
 """
 import errno as _errno
+import fcntl
 import json
 import os
 import shutil
@@ -141,8 +142,9 @@ def _check_header(path, data, config, int kind, int layer):
                                              f"expected {KINDS[kind]} of layer {layer}", path)
 
 
-def _release(fds, path, created_dir, names):
-    """Close a store's files; remove the scratch ones (and a private directory)."""
+def _release(fds, lock, path, created_dir, names):
+    """Close a store's files; remove the scratch ones (and a private directory);
+    then let go of the directory's lock."""
     for fd in fds:
         try:
             os.close(fd)
@@ -151,12 +153,36 @@ def _release(fds, path, created_dir, names):
     fds.clear()
     if created_dir:
         shutil.rmtree(path, ignore_errors=True)
-        return
-    for name in names:
-        try:
-            os.unlink(os.path.join(path, name))
-        except OSError:
-            pass
+    else:
+        for name in names:
+            try:
+                os.unlink(os.path.join(path, name))
+            except OSError:
+                pass
+    for fd in lock:
+        os.close(fd)
+    lock.clear()
+
+
+def _lock_dir(path):
+    """An fd of ``path`` holding an exclusive flock: one live cache per directory.
+
+    The lock is on the directory, never on a file that gets mapped, so views
+    that outlive close() do not keep it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ColdStoreError(exc.errno, f"cannot open cold_dir: {exc.strerror}", path) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (_errno.EWOULDBLOCK, _errno.EAGAIN):
+            raise ColdStoreError(_errno.EBUSY, "cold_dir is in use by another open cache (in this "
+                                 "process or another); close that one first", path) from None
+        raise ColdStoreError(exc.errno, f"cannot lock cold_dir: {exc.strerror}", path) from exc
+    return fd
 
 
 class ColdStore:
@@ -175,6 +201,7 @@ class ColdStore:
         self.map_bytes = HEADER_BYTES + config.n_blocks * config.block_tokens * self.row_bytes
         self.fds = []
         self.maps = []
+        self._lock = []
         created_dir = False
         if config.cold_dir is None:
             self.path = tempfile.mkdtemp(prefix="kvcache-")  # 0700
@@ -183,10 +210,12 @@ class ColdStore:
             self.path = os.fspath(config.cold_dir)
             if not existing:
                 created_dir = self._prepare_dir()
+        # Before the finalizer: a store refused here must not remove another's files.
+        self._lock.append(_lock_dir(self.path))
         names = [self.file_name(l, kind) for l in range(config.n_layers) for kind in range(2)]
         # Files are closed, and scratch files removed, when the store goes, however
         # it goes (close, garbage collection, interpreter exit).
-        self._finalizer = weakref.finalize(self, _release, self.fds, self.path,
+        self._finalizer = weakref.finalize(self, _release, self.fds, self._lock, self.path,
                                            created_dir and not config.persist,
                                            [] if config.persist else names)
         try:

@@ -1,4 +1,5 @@
 """Persistence: flush, close and reopen in a later process; crash survival; foreign files."""
+import errno
 import json
 import os
 import signal
@@ -219,3 +220,26 @@ def test_sigkill_at_random_moments_leaves_a_flushed_prefix(tmp_path):
             row = c.config.cold_row_bytes
         tails += os.path.getsize(d / "layer0000.keys") > HEADER_SIZE + n * row
     assert tails > 0  # some kills did leave rows past the flushed length
+
+
+def test_one_live_cache_per_directory(tmp_path):
+    """A second cache on a directory in use is refused (flock), and the first
+    one's files are untouched; close() lets go, even while views live on."""
+    d = tmp_path / "c"
+    k, v = rows(10, layers=L), rows(10, layers=L, seed=1)
+    first = make(d)
+    first.store_layers(k, v)
+    first.flush()
+    with pytest.raises(kvcache.ColdStoreError, match="in use by another open cache") as info:
+        kvcache.TieredKVCache.open(d)
+    assert info.value.errno == errno.EBUSY
+    views = first.get(0, copy=False)
+    first.close()
+    with kvcache.TieredKVCache.open(d) as again:
+        assert_layer(again, 0, k[0], v[0])
+        assert views[0].tobytes() == k[0].tobytes()
+    scratch = tmp_path / "s"
+    with kvcache.TieredKVCache(max_seq_len=64, hot_tokens=16, block_tokens=4, cold_dir=scratch, **SHAPE):
+        with pytest.raises(FileExistsError, match="not empty"):
+            kvcache.TieredKVCache(max_seq_len=64, hot_tokens=16, block_tokens=4, cold_dir=scratch, **SHAPE)
+        assert len(list(scratch.iterdir())) == 2 * L
