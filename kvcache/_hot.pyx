@@ -816,13 +816,15 @@ cdef class HotTier:
         return status
 
     cdef int truncate(self, Py_ssize_t n) noexcept nogil:
+        """Cut every layer to ``n`` positions, all or none (every lock held)."""
         cdef Py_ssize_t l
         cdef int status = KVC_OK
-        for l in range(self.t.n_layers):
+        for l in range(self.t.n_layers):  # ascending order, like append_all
             kvc_lock_acquire(&self.t.layers[l].lock)
             if self.t.layers[l].keys == NULL:
-                status = KVC_E_CLOSED
-            elif self.t.layers[l].length > n:
+                status = KVC_E_CLOSED  # a layer already closed: cut none
+        for l in range(self.t.n_layers):
+            if status == KVC_OK and self.t.layers[l].length > n:
                 _cut(&self.t, &self.t.layers[l], n, self.t.layers[l].length)
             kvc_lock_release(&self.t.layers[l].lock)
         return status

@@ -153,3 +153,49 @@ def test_close_under_load_keeps_every_store_that_returned(tmp_path, policy):
             assert [reopened.layer_len(l) for l in range(L)] == lengths, rnd
             for l in range(L):
                 check(l, 0, *reopened.get(l))
+
+
+def truncate_or_append(cache, rng):
+    """One rollback or one store_layers of a few tokens, at the cache's end."""
+    n = cache.layer_len(L - 1)  # the last layer a persisted close() closes
+    if rng.integers(3) == 0:
+        cache.truncate(int(rng.integers(0, n + 1)))
+        return
+    t = int(rng.integers(1, 6))
+    k, v = zip(*(tokens(l, n, t) for l in range(L)))
+    cache.store_layers(np.stack(k), np.stack(v))
+
+
+def test_close_racing_truncate_and_store_layers_keeps_layers_in_step(tmp_path):
+    """store_layers and truncate are all-or-nothing over the layers, also against
+    a persisted close(), which closes layer after layer: the directory never
+    holds layers of different lengths.  Repeated over many interleavings."""
+    d = tmp_path / "c"
+    open_cache(d, "lru", "float32", create=True).close()
+    for rnd in range(24):
+        cache = open_cache(d, "lru", "float32")
+        started = threading.Barrier(3)
+        turn = threading.Lock()  # the two churners take turns: positions stay known
+
+        def churn(cache=cache, started=started, rnd=rnd, turn=turn):
+            started.wait()
+            rng = np.random.default_rng(rnd)
+            try:
+                while True:
+                    with turn:
+                        truncate_or_append(cache, rng)
+            except CacheClosedError:
+                return 0
+
+        def closer(cache=cache, started=started):
+            started.wait()
+            threading.Event().wait(0.001 * (rnd % 4))
+            cache.close()
+            return 0
+
+        run_threads([churn, churn, closer], barrier=started)
+        with open_cache(d, "lru", "float32") as reopened:
+            n = reopened.layer_len(0)
+            assert [reopened.layer_len(l) for l in range(L)] == [n] * L, rnd
+            for l in range(L):
+                check(l, 0, *reopened.get(l))
