@@ -144,7 +144,9 @@ def test_close_under_load_keeps_every_store_that_returned(tmp_path, policy):
             cache.close()
             return 0
 
-        workers = [guarded(writer(cache, g, 100 * rnd + i, lengths)) for i, g in enumerate(GROUPS)]
+        # writers stop at a bound (never CacheFullError), likely after close
+        workers = [guarded(writer(cache, g, 100 * rnd + i, lengths, 4000 * (rnd + 1)))
+                   for i, g in enumerate(GROUPS)]
         workers += [guarded(reader(cache, 100 * rnd + 10 + i, 10**9)) for i in range(2)]
         workers += [guarded(lambda: maintenance(cache, rnd)(None))]
         run_threads(workers + [closer], barrier=started)
