@@ -128,13 +128,24 @@ cdef class TieredKVCache:
         Raises
         ------
         FileNotFoundError
-            If ``cold_dir`` does not hold a persisted cache.
+            If ``cold_dir`` does not exist or holds no persisted cache.
+        NotADirectoryError
+            If ``cold_dir`` is a file.
+        TypeError
+            If ``cold_dir`` is not a path, or an override is not a CacheConfig
+            field.
         ValueError
-            If an override contradicts the stored files.
+            If an override contradicts the stored files, is invalid, or is
+            ``persist=False``.
         CorruptionError
             If the index or a file header is damaged, or a file is shorter
             than the index says.
         """
+        if not isinstance(cold_dir, (str, os.PathLike)):
+            raise TypeError(f"TieredKVCache.open: cold_dir expected a path, got {type(cold_dir).__name__}")
+        if overrides.get("persist", True) is not True:
+            raise ValueError(f"TieredKVCache.open: a reopened cache always persists, "
+                             f"got persist={overrides['persist']!r}")
         index = read_index(cold_dir)
         stored = index["config"]
         for name in ("n_layers", "n_kv_heads", "head_dim", "block_tokens"):
@@ -335,7 +346,7 @@ cdef class TieredKVCache:
             ``[stop - start, n_kv_heads, head_dim]``; filled and returned, and
             nothing is allocated.
         copy : bool
-            ``False`` returns read-only zero-copy views instead of copies: of
+            (A bool: anything else raises ``TypeError``.)  ``False`` returns read-only zero-copy views instead of copies: of
             the RAM arenas while every position fits there (``hot_tokens=None``),
             else of the cold tier's memory-mapped files (positions still only in
             RAM are first written to them, without fsync).  A view keeps its
@@ -357,6 +368,17 @@ cdef class TieredKVCache:
 
         Raises
         ------
+        TypeError
+            A layer, ``start`` or ``stop`` that is not an int (or None), a
+            ``copy`` or ``raw`` that is not a bool, an ``out`` that is not a
+            pair of float32 arrays.
+        IndexError
+            A layer, ``start`` or ``stop`` outside what is stored.
+        ValueError
+            ``start > stop``; an ``out`` of the wrong shape, read-only,
+            overlapping or not C-contiguous in its last two dimensions;
+            ``out`` with ``raw`` or ``copy=False``; ``raw`` with two stored
+            dtypes; ``copy=False`` of a reduced dtype without ``raw``.
         CorruptionError
             If a cold block fails its checksum (the message names file and block).
         ColdStoreError
@@ -364,6 +386,8 @@ cdef class TieredKVCache:
         """
         self._check_open()
         cdef Py_ssize_t l = self._layer(layer)
+        _check_flag("copy", copy)
+        _check_flag("raw", raw)
         cdef Py_ssize_t length = self._length(l)
         cdef Py_ssize_t a = _position("start", start, length, 0)
         cdef Py_ssize_t b = _position("stop", stop, length, length)
@@ -630,9 +654,9 @@ cdef class TieredKVCache:
 
     @threads.setter
     def threads(self, value):
-        from kvcache.config import _positive_int
+        from kvcache.config import MAX_THREADS, _positive_int
         self._check_open()
-        self.hot.threads = _positive_int("threads", value)
+        self.hot.threads = _positive_int("threads", value, high=MAX_THREADS)
 
 
 cdef int _same_kind(cnp.ndarray k, cnp.ndarray v) except -1:
@@ -646,6 +670,12 @@ cdef inline int _check_tokens(Py_ssize_t n_keys, Py_ssize_t n_values) except -1:
         raise ValueError(f"{'keys' if n_keys == 0 else 'values'}: expected at least one token, got 0")
     if n_values != n_keys:
         raise ValueError(f"values: expected {n_keys} tokens like keys, got {n_values}")
+    return 0
+
+
+cdef int _check_flag(str name, object value) except -1:
+    if not isinstance(value, (bool, np.bool_)):  # copy="False" or None must not pick a mode
+        raise TypeError(f"get: {name} expected a bool, got {type(value).__name__}")
     return 0
 
 

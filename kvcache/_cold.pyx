@@ -317,6 +317,9 @@ INDEX_CONFIG_FIELDS = ("n_layers", "n_kv_heads", "head_dim", "max_seq_len", "hot
 def read_index(path):
     """The index of a persisted cache directory, checked; or a clear error."""
     p = os.path.join(os.fspath(path), INDEX_NAME)
+    if os.path.exists(os.fspath(path)) and not os.path.isdir(os.fspath(path)):
+        raise NotADirectoryError(_errno.ENOTDIR, "not a directory: expected a persisted kvcache "
+                                 "directory", os.fspath(path))
     if not os.path.isdir(os.fspath(path)):
         raise FileNotFoundError(_errno.ENOENT, "no such cache directory", os.fspath(path))
     try:
