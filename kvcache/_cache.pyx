@@ -177,6 +177,8 @@ cdef class TieredKVCache:
         """Free the cache's memory and its scratch files.  Idempotent; waits for
         stores and gets in flight.  With ``persist=True`` it flushes first."""
         if self.hot is None or self.hot.closed:
+            if self.cold is not None:
+                self.cold.close()  # idempotent; releases the cold_dir lock
             return
         try:
             if self.config.persist:

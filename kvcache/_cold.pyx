@@ -14,6 +14,7 @@ fsync'd, renamed, directory fsync'd) records each layer's length and, per
 block, the rows on disk and their CRC32C checksums.
 """
 import errno as _errno
+import fcntl
 import json
 import os
 import shutil
@@ -141,14 +142,36 @@ def _check_header(path, data, config, int kind, int layer):
                                              f"expected {KINDS[kind]} of layer {layer}", path)
 
 
-def _release(fds, path, created_dir, names):
-    """Close a store's files; remove the scratch ones (and a private directory)."""
+def _lock_dir(path):
+    """An fd holding an exclusive flock on the directory ``path``, or None where flock is unsupported.
+
+    Two caches on one directory would overwrite each other's blocks, and a block
+    already verified is not checked again: the other's tokens would come back
+    silently.  The lock lasts as long as the store (closed with its files).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BlockingIOError(_errno.EWOULDBLOCK, "cold_dir is in use by another open TieredKVCache "
+                              "(in this process or another); close that one first", path) from None
+    except OSError:  # a file system without flock: no protection, no failure
+        os.close(fd)
+        return None
+    return fd
+
+
+def _release(fds, path, created_dir, names, lock_fds=()):
+    """Close a store's files; remove the scratch ones (and a private directory); unlock."""
     for fd in fds:
         try:
             os.close(fd)
         except OSError:
             pass
     fds.clear()
+    for fd in lock_fds:
+        os.close(fd)
     if created_dir:
         shutil.rmtree(path, ignore_errors=True)
         return
@@ -176,6 +199,7 @@ class ColdStore:
         self.fds = []
         self.maps = []
         created_dir = False
+        locks = []
         if config.cold_dir is None:
             self.path = tempfile.mkdtemp(prefix="kvcache-")  # 0700
             created_dir = True
@@ -183,12 +207,14 @@ class ColdStore:
             self.path = os.fspath(config.cold_dir)
             if not existing:
                 created_dir = self._prepare_dir()
+            lock = _lock_dir(self.path)  # before any file is touched (or removed on failure)
+            locks = [] if lock is None else [lock]
         names = [self.file_name(l, kind) for l in range(config.n_layers) for kind in range(2)]
         # Files are closed, and scratch files removed, when the store goes, however
         # it goes (close, garbage collection, interpreter exit).
         self._finalizer = weakref.finalize(self, _release, self.fds, self.path,
                                            created_dir and not config.persist,
-                                           [] if config.persist else names)
+                                           [] if config.persist else names, locks)
         try:
             for l in range(config.n_layers):
                 for kind in range(2):
