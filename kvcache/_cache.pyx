@@ -263,6 +263,7 @@ cdef class TieredKVCache:
         cdef Py_ssize_t n = check_rows(k, "keys", 3, self.n_heads, self.head_dim, not batch)
         cdef Py_ssize_t nv = check_rows(v, "values", 3, self.n_heads, self.head_dim, not batch)
         _check_tokens(n, nv)
+        k, v = _unaliased(self.hot, k), _unaliased(self.hot, v)
         # A single token has no token axis; its step is never used.
         cdef Py_ssize_t k_step = cnp.PyArray_STRIDE(k, 0) if cnp.PyArray_NDIM(k) == 3 else 0
         cdef Py_ssize_t v_step = cnp.PyArray_STRIDE(v, 0) if cnp.PyArray_NDIM(v) == 3 else 0
@@ -320,6 +321,7 @@ cdef class TieredKVCache:
                              f"got {k.shape[0]} and {v.shape[0]}")
         cdef Py_ssize_t n = k.shape[1]
         _check_tokens(n, v.shape[1])
+        k, v = _unaliased(self.hot, k), _unaliased(self.hot, v)
         cdef int status
         with nogil:
             status = self.hot.append_all(
@@ -665,6 +667,23 @@ cdef int _same_kind(cnp.ndarray k, cnp.ndarray v) except -1:
     if array_kind(k) != array_kind(v):
         raise TypeError(f"values: expected the dtype of keys ({k.dtype}), got {v.dtype}")
     return array_kind(k)
+
+
+cdef cnp.ndarray _unaliased(HotTier hot, cnp.ndarray a):
+    """``a``, or a copy of it if it views the cache's own memory (``get(copy=False)``):
+    a store into rows that it is still reading would read what it has just written."""
+    cdef const char *lo = <const char *>cnp.PyArray_DATA(a)
+    cdef const char *hi = lo
+    cdef int i
+    cdef Py_ssize_t extent
+    for i in range(cnp.PyArray_NDIM(a)):
+        extent = (cnp.PyArray_DIM(a, i) - 1) * cnp.PyArray_STRIDE(a, i)
+        if extent < 0:
+            lo += extent
+        else:
+            hi += extent
+    hi += cnp.PyArray_ITEMSIZE(a)
+    return np.array(a, order="C") if hot.overlaps(lo, hi) else a
 
 
 cdef inline int _check_tokens(Py_ssize_t n_keys, Py_ssize_t n_values) except -1:

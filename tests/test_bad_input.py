@@ -811,3 +811,31 @@ def check_specials(flavour, tmp, given):
 @pytest.mark.parametrize("flavour", ALL)
 def test_specials_are_data(flavour, given, fast_tmp):
     isolated_call(__name__, "check_specials", flavour, str(fast_tmp), given)
+
+
+# -- an input viewing the cache's own memory ------------------------------------------------
+
+def store_from_own_views(flavour, tmp, method):
+    """Store rows 100..399 of a layer back at 101..: the input views (get(copy=False)) the
+    very rows the store writes, one position ahead; it must store what they held at the call."""
+    opts = dict(FLAVOURS[flavour], hot_tokens=64, block_tokens=16) if "hot_tokens" in FLAVOURS[flavour] \
+        else dict(FLAVOURS[flavour])
+    cold = pathlib.Path(tmp) / opts.pop("cold") if "cold" in opts else None
+    c = kvcache.TieredKVCache(max_seq_len=512, cold_dir=cold, **opts, **SHAPE)
+    c.store_layers(rows(400, layers=L, seed=1), rows(400, layers=L, seed=2))
+    k, v = c.get(0, 100, 400, copy=False, raw=True)
+    want = [a.copy() for a in c.get(0, 100, 400)]
+    c.truncate(101)
+    if method == "store_layers":  # every layer reads layer 0's rows (stride 0 on the layer axis)
+        c.store_layers(np.broadcast_to(k, (L,) + k.shape), np.broadcast_to(v, (L,) + v.shape))
+    else:
+        getattr(c, method)(0, k, v)
+    got = c.get(0, 101, 401)
+    assert as_bytes(got) == as_bytes(tuple(want)), f"{int((got[0] != want[0]).any(axis=(1, 2)).sum())} rows differ"
+    c.close()
+
+
+@pytest.mark.parametrize("method", ["store", "store_batch", "store_layers"])
+@pytest.mark.parametrize("flavour", ["ram", "f16", "tiered", "persist"])
+def test_an_input_viewing_the_cache_is_read_before_it_is_overwritten(flavour, method, fast_tmp):
+    isolated_call(__name__, "store_from_own_views", flavour, str(fast_tmp), method)
