@@ -161,8 +161,6 @@ cdef class TieredKVCache:
         unknown = set(overrides) - fields
         if unknown:
             raise TypeError(f"TieredKVCache.open: unknown config fields {sorted(unknown)}")
-        if len(index["layers"]) != stored["n_layers"]:
-            raise CorruptionError(0, "index lists the wrong number of layers", os.fspath(cold_dir))
         args = {name: stored[name] for name in INDEX_CONFIG_FIELDS}
         args.update(overrides)
         args.update(cold_dir=cold_dir, persist=True)

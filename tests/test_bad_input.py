@@ -13,11 +13,13 @@ array argument of every store.  NaN and inf are data, not bad input: see
 ``test_specials_are_data`` at the end.
 """
 import dataclasses
+import json
 import os
 import pathlib
 import shutil
 import tempfile
 import types
+import zlib
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -501,6 +503,22 @@ def persisted_copy(ctx, damage=None):
     return other
 
 
+def edit_index(change):
+    """A damage: ``change(index)`` then a valid checksum again (another tool, an edit by hand)."""
+    def damage(d):
+        body = (d / "index.json").read_text().rsplit("\n", 2)[0]
+        index = json.loads(body)
+        index = change(index) or index
+        body = json.dumps(index)
+        (d / "index.json").write_text(f"{body}\n{zlib.crc32(body.encode()):08x}\n")
+    return damage
+
+
+def damaged(change):
+    return lambda ctx: [persisted_copy(ctx, change)]
+
+
+DAMAGED = "corrupt cache index "
 OPEN = [  # TieredKVCache.open(*args(ctx), **kwargs): (name, args, kwargs, exc, match, flavours)
     ("missing", lambda ctx: [ctx.tmp / "nope"], {}, FileNotFoundError, "no such cache directory", ONE),
     ("a file", lambda ctx: [write_file(ctx.tmp / "f")], {}, NotADirectoryError,
@@ -512,6 +530,28 @@ OPEN = [  # TieredKVCache.open(*args(ctx), **kwargs): (name, args, kwargs, exc, 
      "cold_dir is in use by another open TieredKVCache", ("persist",)),
     ("a garbled index", lambda ctx: [persisted_copy(ctx, lambda d: (d / "index.json").write_text("{}"))], {},
      kvcache.CorruptionError, "corrupt cache index", ("persist",)),
+    ("an index with a crc list short", damaged(edit_index(lambda i: i["layers"][0].update(crc_k=[]))), {},
+     kvcache.CorruptionError, DAMAGED + r"\(layer 0: crc_k expected 6 ints for 12 positions, got \[\]\)",
+     ("persist",)),
+    ("an index length past max_seq_len", damaged(edit_index(lambda i: i["layers"][1].update(length=99))), {},
+     kvcache.CorruptionError, DAMAGED + r"\(layer 1: expected a length of 0..max_seq_len=24, got 99\)", ("persist",)),
+    ("an index length str", damaged(edit_index(lambda i: i["layers"][1].update(length="12"))), {},
+     kvcache.CorruptionError, DAMAGED + r"\(layer 1: expected a length of 0..max_seq_len=24, got '12'\)", ("persist",)),
+    ("an index rows wrong", damaged(edit_index(lambda i: i["layers"][2]["rows"].__setitem__(0, 7))), {},
+     kvcache.CorruptionError, DAMAGED + r"\(layer 2: rows expected \[2, 2, 2, 2, 2, 2\], got \[7, ", ("persist",)),
+    ("an index without layers", damaged(edit_index(lambda i: i.pop("layers") and None)), {},
+     kvcache.CorruptionError, DAMAGED + rf"\(layers: expected a list of {L}, got NoneType", ("persist",)),
+    ("an index with an invalid config", damaged(edit_index(lambda i: i["config"].update(head_dim=0))), {},
+     kvcache.CorruptionError, DAMAGED + r"\(CacheConfig.head_dim: expected an int >= 1, got 0\)", ("persist",)),
+    ("an index unlike the files", damaged(edit_index(lambda i: i["config"].update(head_dim=D + 1))), {},
+     kvcache.CorruptionError, f"written with head_dim={D}, but the index says head_dim={D + 1}", ("persist",)),
+    ("an index that is a list", damaged(edit_index(lambda i: [i])), {},
+     kvcache.CorruptionError, DAMAGED + r"\(bad magic\)", ("persist",)),
+    ("a cold file missing", damaged(lambda d: (d / "layer0001.values").unlink()), {},
+     kvcache.ColdStoreError, "cannot open a cold file: No such file", ("persist",)),
+    ("a cold file of another layer", damaged(lambda d: (d / "layer0001.keys").write_bytes(
+        (d / "layer0000.keys").read_bytes())), {},
+     kvcache.CorruptionError, "holds keys of layer 0, expected keys of layer 1", ("persist",)),
     ("None", lambda ctx: [None], {}, TypeError, "TieredKVCache.open: cold_dir expected a path, got NoneType", ONE),
     ("int", lambda ctx: [3], {}, TypeError, "TieredKVCache.open: cold_dir expected a path, got int", ONE),
     ("head_dim override", lambda ctx: [persisted_copy(ctx)], dict(head_dim=8), ValueError,
