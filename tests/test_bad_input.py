@@ -195,6 +195,12 @@ if torch is not None:
          r"{arg}: cannot view Tensor as a float CPU array"),
         ("torch meta", lambda a: torch.empty(a.shape, device="meta"), TypeError,
          r"{arg}: cannot view Tensor as a float CPU array"),
+        ("torch bfloat16 requires_grad", lambda a: torch.from_numpy(a).bfloat16().requires_grad_(), TypeError,
+         r"{arg}: cannot view Tensor as a float CPU array \(Can't call numpy\(\) on Tensor that requires grad"),
+        ("torch bfloat16 meta", lambda a: torch.empty(a.shape, dtype=torch.bfloat16, device="meta"), TypeError,
+         r"{arg}: cannot view Tensor as a float CPU array"),
+        ("torch bfloat16 negative view", lambda a: torch.from_numpy(a).bfloat16()._neg_view(), TypeError,
+         r"{arg}: cannot view Tensor as a float CPU array"),
         ("torch transposed", lambda a: torch.from_numpy(np.ascontiguousarray(np.swapaxes(a, -1, -2)))
          .transpose(-1, -2), ValueError, "C-contiguous, got strides"),
     ]
