@@ -106,8 +106,16 @@ def _start_server():
                    KVCACHE_TEST_SERVER="1")
         _server = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    env=env, text=True)
-        atexit.register(_server.stdin.close)  # the server exits at EOF
+        atexit.register(_stop_server, _server)
     return _server
+
+
+def _stop_server(server):
+    server.stdin.close()  # the server exits at EOF
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 def isolated_call(module, function, *args, timeout=60.0):
