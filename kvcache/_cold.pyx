@@ -204,7 +204,7 @@ class ColdStore:
             self.path = tempfile.mkdtemp(prefix="kvcache-")  # 0700
             created_dir = True
         else:
-            self.path = os.fspath(config.cold_dir)
+            self.path = os.path.abspath(config.cold_dir)  # a later chdir must not move it
             if not existing:
                 created_dir = self._prepare_dir()
             lock = _lock_dir(self.path)  # before any file is touched (or removed on failure)

@@ -223,3 +223,16 @@ def test_sigkill_at_random_moments_leaves_a_flushed_prefix(tmp_path):
                 want = np.concatenate([np.random.default_rng(p).standard_normal(
                     (L, 1, H, D), dtype=np.float32)[l] for p in range(n)])
                 assert k.tobytes() == want.tobytes() and v.tobytes() == (-want).tobytes()
+
+
+def test_a_relative_cold_dir_stays_where_it_was_made(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere" / "c").mkdir(parents=True)  # the same relative name, another place
+    c = make("c")
+    c.store_layers(rows(5, layers=L), rows(5, layers=L))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    c.close()  # flushes the index: into tmp_path/c, not elsewhere/c
+    assert (tmp_path / "c" / "index.json").exists()
+    assert not os.listdir(tmp_path / "elsewhere" / "c")
+    with kvcache.TieredKVCache.open(tmp_path / "c") as c:
+        assert c.seq_len == 5
