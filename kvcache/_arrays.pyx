@@ -19,18 +19,25 @@ cdef str _shape_str(cnp.ndarray a):
     return "[" + ", ".join([str(a.shape[i]) for i in range(a.ndim)]) + "]"
 
 
-cdef object _torch_bfloat16(object obj):
+cdef object _torch_bfloat16(object obj, str name):
     """A torch bfloat16 CPU tensor as an ml_dtypes.bfloat16 array (no copy), else None.
 
     numpy has no bfloat16 of its own, so ``np.asarray`` refuses such tensors.
     torch is not imported here: the caller's tensor proves it already is.
+    Refused like numpy refuses the other dtypes: a tensor that requires grad,
+    lives on another device, or has a lazy negation (TypeError).
     """
     import sys
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(obj, torch.Tensor) or obj.dtype != torch.bfloat16:
         return None
     import ml_dtypes
-    return obj.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    try:
+        if obj.requires_grad:  # an int16 view would hide it
+            raise RuntimeError("Can't call numpy() on Tensor that requires grad")
+        return obj.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    except (RuntimeError, TypeError) as exc:
+        raise TypeError(f"{name}: cannot view Tensor as a float CPU array ({exc})") from exc
 
 
 cdef cnp.ndarray as_array(object obj, str name, bint writable, bint any_float=False):
@@ -47,7 +54,7 @@ cdef cnp.ndarray as_array(object obj, str name, bint writable, bint any_float=Fa
         try:
             a = np.asarray(obj)
         except Exception as exc:  # a torch tensor that requires grad, lives on a GPU, or is bfloat16
-            bf16 = _torch_bfloat16(obj) if any_float else None
+            bf16 = _torch_bfloat16(obj, name) if any_float else None
             if bf16 is None:
                 raise TypeError(f"{name}: cannot view {type(obj).__name__} as a float CPU array "
                                 f"({exc})") from exc

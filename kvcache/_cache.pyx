@@ -151,13 +151,24 @@ cdef class TieredKVCache:
         Raises
         ------
         FileNotFoundError
-            If ``cold_dir`` does not hold a persisted cache.
+            If ``cold_dir`` does not exist or holds no persisted cache.
+        NotADirectoryError
+            If ``cold_dir`` is a file.
+        TypeError
+            If ``cold_dir`` is not a path, or an override is not a CacheConfig
+            field.
         ValueError
-            If an override contradicts the stored files.
+            If an override contradicts the stored files, is invalid, or is
+            ``persist=False``.
         CorruptionError
             If the index or a file header is damaged, or a file is shorter
             than the index says.
         """
+        if not isinstance(cold_dir, (str, os.PathLike)):
+            raise TypeError(f"TieredKVCache.open: cold_dir expected a path, got {type(cold_dir).__name__}")
+        if overrides.get("persist", True) is not True:
+            raise ValueError(f"TieredKVCache.open: a reopened cache always persists, "
+                             f"got persist={overrides['persist']!r}")
         index = read_index(cold_dir)
         stored = index["config"]
         for name in ("n_layers", "n_kv_heads", "head_dim", "block_tokens"):
@@ -173,8 +184,6 @@ cdef class TieredKVCache:
         unknown = set(overrides) - fields
         if unknown:
             raise TypeError(f"TieredKVCache.open: unknown config fields {sorted(unknown)}")
-        if len(index["layers"]) != stored["n_layers"]:
-            raise CorruptionError(0, "index lists the wrong number of layers", os.fspath(cold_dir))
         args = {name: stored[name] for name in INDEX_CONFIG_FIELDS}
         args.update(overrides)
         args.update(cold_dir=cold_dir, persist=True)
@@ -274,6 +283,7 @@ cdef class TieredKVCache:
         cdef Py_ssize_t n = check_rows(k, "keys", 3, self.n_heads, self.head_dim, not batch)
         cdef Py_ssize_t nv = check_rows(v, "values", 3, self.n_heads, self.head_dim, not batch)
         _check_tokens(n, nv)
+        k, v = _unaliased(self.hot, k), _unaliased(self.hot, v)
         # A single token has no token axis; its step is never used.
         cdef Py_ssize_t k_step = cnp.PyArray_STRIDE(k, 0) if cnp.PyArray_NDIM(k) == 3 else 0
         cdef Py_ssize_t v_step = cnp.PyArray_STRIDE(v, 0) if cnp.PyArray_NDIM(v) == 3 else 0
@@ -331,6 +341,7 @@ cdef class TieredKVCache:
                              f"got {k.shape[0]} and {v.shape[0]}")
         cdef Py_ssize_t n = k.shape[1]
         _check_tokens(n, v.shape[1])
+        k, v = _unaliased(self.hot, k), _unaliased(self.hot, v)
         cdef int status
         with nogil:
             status = self.hot.append_all(
@@ -359,7 +370,7 @@ cdef class TieredKVCache:
             ``[stop - start, n_kv_heads, head_dim]``; filled and returned, and
             nothing is allocated.
         copy : bool
-            ``False`` returns read-only zero-copy views instead of copies: of
+            (A bool: anything else raises ``TypeError``.)  ``False`` returns read-only zero-copy views instead of copies: of
             the RAM arenas while every position fits there (``hot_tokens=None``),
             else of the cold tier's memory-mapped files (positions still only in
             RAM are first written to them, without fsync).  A view keeps its
@@ -381,6 +392,17 @@ cdef class TieredKVCache:
 
         Raises
         ------
+        TypeError
+            A layer, ``start`` or ``stop`` that is not an int (or None), a
+            ``copy`` or ``raw`` that is not a bool, an ``out`` that is not a
+            pair of float32 arrays.
+        IndexError
+            A layer, ``start`` or ``stop`` outside what is stored.
+        ValueError
+            ``start > stop``; an ``out`` of the wrong shape, read-only,
+            overlapping or not C-contiguous in its last two dimensions;
+            ``out`` with ``raw`` or ``copy=False``; ``raw`` with two stored
+            dtypes; ``copy=False`` of a reduced dtype without ``raw``.
         CorruptionError
             If a cold block fails its checksum (the message names file and block).
         ColdStoreError
@@ -388,6 +410,8 @@ cdef class TieredKVCache:
         """
         self._check_open()
         cdef Py_ssize_t l = self._layer(layer)
+        _check_flag("copy", copy)
+        _check_flag("raw", raw)
         cdef Py_ssize_t length = self._length(l)
         cdef Py_ssize_t a = _position("start", start, length, 0)
         cdef Py_ssize_t b = _position("stop", stop, length, length)
@@ -660,9 +684,9 @@ cdef class TieredKVCache:
 
     @threads.setter
     def threads(self, value):
-        from kvcache.config import _positive_int
+        from kvcache.config import MAX_THREADS, _positive_int
         self._check_open()
-        self.hot.threads = _positive_int("threads", value)
+        self.hot.threads = _positive_int("threads", value, high=MAX_THREADS)
 
 
 cdef int _same_kind(cnp.ndarray k, cnp.ndarray v) except -1:
@@ -671,11 +695,34 @@ cdef int _same_kind(cnp.ndarray k, cnp.ndarray v) except -1:
     return array_kind(k)
 
 
+cdef cnp.ndarray _unaliased(HotTier hot, cnp.ndarray a):
+    """``a``, or a copy of it if it views the cache's own memory (``get(copy=False)``):
+    a store into rows that it is still reading would read what it has just written."""
+    cdef const char *lo = <const char *>cnp.PyArray_DATA(a)
+    cdef const char *hi = lo
+    cdef int i
+    cdef Py_ssize_t extent
+    for i in range(cnp.PyArray_NDIM(a)):
+        extent = (cnp.PyArray_DIM(a, i) - 1) * cnp.PyArray_STRIDE(a, i)
+        if extent < 0:
+            lo += extent
+        else:
+            hi += extent
+    hi += cnp.PyArray_ITEMSIZE(a)
+    return np.array(a, order="C") if hot.overlaps(lo, hi) else a
+
+
 cdef inline int _check_tokens(Py_ssize_t n_keys, Py_ssize_t n_values) except -1:
     if n_keys == 0 or n_values == 0:
         raise ValueError(f"{'keys' if n_keys == 0 else 'values'}: expected at least one token, got 0")
     if n_values != n_keys:
         raise ValueError(f"values: expected {n_keys} tokens like keys, got {n_values}")
+    return 0
+
+
+cdef int _check_flag(str name, object value) except -1:
+    if not isinstance(value, (bool, np.bool_)):  # copy="False" or None must not pick a mode
+        raise TypeError(f"get: {name} expected a bool, got {type(value).__name__}")
     return 0
 
 

@@ -133,10 +133,10 @@ def _check_header(path, data, config, int kind, int layer):
     stored = dict(zip(FINGERPRINT_FIELDS, shape))
     stored["cold_format"] = {v: k for k, v in DTYPE_CODES.items()}.get(stored["cold_format"],
                                                                       stored["cold_format"])
-    for name, value in stored.items():
+    for name, value in stored.items():  # open() refused overrides of these: the index disagrees
         if getattr(config, name) != value:
-            raise ValueError(f"{path}: written with {name}={value!r}, "
-                             f"but the config asks for {name}={getattr(config, name)!r}")
+            raise CorruptionError(_errno.EINVAL, f"written with {name}={value!r}, but the index "
+                                                 f"says {name}={getattr(config, name)!r}", path)
     if (k, l) != (kind, layer):
         raise CorruptionError(_errno.EINVAL, f"holds {KINDS[k] if k < 2 else k} of layer {l}, "
                                              f"expected {KINDS[kind]} of layer {layer}", path)
@@ -181,6 +181,8 @@ def _lock_dir(path):
         if exc.errno in (_errno.EWOULDBLOCK, _errno.EAGAIN):
             raise ColdStoreError(_errno.EBUSY, "cold_dir is in use by another open cache (in this "
                                  "process or another); close that one first", path) from None
+        if exc.errno in (_errno.ENOLCK, _errno.EOPNOTSUPP, _errno.ENOSYS):
+            return None  # a file system without flock: no protection, no failure
         raise ColdStoreError(exc.errno, f"cannot lock cold_dir: {exc.strerror}", path) from exc
     return fd
 
@@ -207,11 +209,13 @@ class ColdStore:
             self.path = tempfile.mkdtemp(prefix="kvcache-")  # 0700
             created_dir = True
         else:
-            self.path = os.fspath(config.cold_dir)
+            self.path = os.path.abspath(config.cold_dir)  # a later chdir must not move it
             if not existing:
                 created_dir = self._prepare_dir()
         # Before the finalizer: a store refused here must not remove another's files.
-        self._lock.append(_lock_dir(self.path))
+        lock = _lock_dir(self.path)
+        if lock is not None:
+            self._lock.append(lock)
         names = [self.file_name(l, kind) for l in range(config.n_layers) for kind in range(2)]
         # Files are closed, and scratch files removed, when the store goes, however
         # it goes (close, garbage collection, interpreter exit).
@@ -346,6 +350,9 @@ INDEX_CONFIG_FIELDS = ("n_layers", "n_kv_heads", "head_dim", "max_seq_len", "hot
 def read_index(path):
     """The index of a persisted cache directory, checked; or a clear error."""
     p = os.path.join(os.fspath(path), INDEX_NAME)
+    if os.path.exists(os.fspath(path)) and not os.path.isdir(os.fspath(path)):
+        raise NotADirectoryError(_errno.ENOTDIR, "not a directory: expected a persisted kvcache "
+                                 "directory", os.fspath(path))
     if not os.path.isdir(os.fspath(path)):
         raise FileNotFoundError(_errno.ENOENT, "no such cache directory", os.fspath(path))
     try:
@@ -361,11 +368,42 @@ def read_index(path):
         if int(crc, 16) != zlib.crc32(body.encode()):
             raise ValueError("checksum mismatch")
         index = json.loads(body)
-        if index.get("magic") != INDEX_MAGIC:
+        if not isinstance(index, dict) or index.get("magic") != INDEX_MAGIC:
             raise ValueError("bad magic")
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptionError(_errno.EINVAL, f"corrupt cache index ({exc})", p) from None
     if index.get("version") != FORMAT_VERSION:
         raise CorruptionError(_errno.EINVAL, f"index format version {index.get('version')}, "
                                              f"expected {FORMAT_VERSION}", p)
+    try:
+        _check_index(index, path)
+    except (ValueError, TypeError) as exc:
+        raise CorruptionError(_errno.EINVAL, f"corrupt cache index ({exc})", p) from None
     return index
+
+
+def _check_index(index, path):
+    """Raise ValueError for an index that passed its checksum but is not one this
+    version writes (another tool, an edit by hand): reopening trusts its every number."""
+    from kvcache.config import CacheConfig
+    config = index.get("config")
+    if not isinstance(config, dict) or set(INDEX_CONFIG_FIELDS) - set(config):
+        raise ValueError(f"config: expected the fields {list(INDEX_CONFIG_FIELDS)}")
+    c = CacheConfig(**{name: config[name] for name in INDEX_CONFIG_FIELDS}, cold_dir=path, persist=True)
+    layers, B = index.get("layers"), c.block_tokens
+    if not isinstance(layers, list) or len(layers) != c.n_layers:
+        raise ValueError(f"layers: expected a list of {c.n_layers}, got {type(layers).__name__} "
+                         f"of {len(layers) if isinstance(layers, list) else 0}")
+    for l, entry in enumerate(layers):
+        length = entry.get("length") if isinstance(entry, dict) else None
+        if type(length) is not int or not 0 <= length <= c.max_seq_len:
+            raise ValueError(f"layer {l}: expected a length of 0..max_seq_len={c.max_seq_len}, got {length!r}")
+        n = -(-length // B)
+        want = {"rows": [min(B, length - b * B) for b in range(n)]}
+        for key in ("rows", "crc_k", "crc_v"):
+            got = entry.get(key)
+            if not isinstance(got, list) or len(got) != n or any(
+                    type(x) is not int or not 0 <= x <= 0xFFFFFFFF for x in got):
+                raise ValueError(f"layer {l}: {key} expected {n} ints for {length} positions, got {got!r:.80}")
+        if entry["rows"] != want["rows"]:
+            raise ValueError(f"layer {l}: rows expected {want['rows']!r:.80}, got {entry['rows']!r:.80}")

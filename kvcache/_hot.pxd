@@ -51,5 +51,6 @@ cdef class HotTier:
     cdef int add_scores(self, Py_ssize_t layer, const float *acc, Py_ssize_t n) noexcept nogil
     cdef int truncate(self, Py_ssize_t n) noexcept nogil
     cdef Py_ssize_t length(self, Py_ssize_t layer) noexcept nogil
+    cdef bint overlaps(self, const char *lo, const char *hi) noexcept nogil
     cdef void _free_arenas(self) noexcept
     cdef tuple _table(self, HotLayer *L)

@@ -392,6 +392,10 @@ cdef class WritableArena:
         pass
 
 
+cdef inline bint _meets(const char *lo, const char *hi, const char *base, size_t n) noexcept nogil:
+    return base != NULL and lo < base + n and base < hi
+
+
 cdef class HotTier:
     """The block-organised RAM arenas of every layer, and their cold tier.
 
@@ -480,6 +484,21 @@ cdef class HotTier:
         if self.t.stats != NULL:
             kvc_stats_free(self.t.stats)
             self.t.stats = NULL
+
+    cdef bint overlaps(self, const char *lo, const char *hi) noexcept nogil:
+        """True if bytes [lo, hi) meet a layer's arena or cold mapping: an input
+        viewing the cache's own memory (from ``get(copy=False)``), which a store
+        could overwrite before it has read it all."""
+        cdef Py_ssize_t l
+        cdef size_t arena = self.t.capacity * self.t.row_bytes
+        cdef size_t mapped = HEADER_BYTES + self.t.n_blocks * self.t.block_tokens * self.t.cold_fmt.row_bytes
+        cdef HotLayer *L
+        for l in range(self.t.n_layers):
+            L = &self.t.layers[l]
+            if (_meets(lo, hi, L.keys, arena) or _meets(lo, hi, L.values, arena)
+                    or _meets(lo, hi, L.cold.map_k, mapped) or _meets(lo, hi, L.cold.map_v, mapped)):
+                return True
+        return False
 
     cdef void _free_arenas(self) noexcept:
         """Free the block tables (the Arena objects go with their references)."""

@@ -23,8 +23,10 @@ cdef kvc_simd_ops *simd_ops() noexcept nogil:
     return &kvc_simd
 
 
-def _backend_id(str name):
-    cdef int b = kvc_simd_from_name(name.encode())
+def _backend_id(str name, bint empty_is_auto=False):
+    cdef int b = -1
+    if (name or empty_is_auto) and "\0" not in name:  # C would stop at a NUL: "scalar\0x" is no name
+        b = kvc_simd_from_name(name.encode())
     if b < 0:
         raise ValueError(
             f"unknown SIMD backend {name!r}: expected one of 'auto', {', '.join(map(repr, BACKENDS))}")
@@ -45,16 +47,20 @@ def available_backends():
     return tuple(BACKENDS[b] for b in range(KVC_N_BACKENDS) if kvc_simd_available(b))
 
 
-def set_simd_backend(str name):
+def set_simd_backend(name):
     """Force a copy path for the whole process (``"auto"`` restores the default).
 
     Meant for tests and benchmarks; call it while no store or get is running.
 
     Raises
     ------
+    TypeError
+        If the name is not a str.
     ValueError
         If the name is unknown or the path is not available here.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"set_simd_backend: name expected a str, got {type(name).__name__}")
     kvc_simd_force(_backend_id(name))
     return simd_backend()
 
@@ -255,7 +261,7 @@ def _init_from_env():
     if kvc_simd_init() < 0:
         value = os.environ.get("KVCACHE_SIMD", "")
         try:
-            _backend_id(value)
+            _backend_id(value, True)
         except ValueError as exc:
             raise ValueError(f"KVCACHE_SIMD={value!r}: {exc}") from None
 

@@ -1,16 +1,19 @@
 """CacheConfig: the shape and budgets of a cache, validated on construction."""
 from __future__ import annotations
 
+import numbers
 import operator
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional, Union
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
+MAX_THREADS = 2**31 - 1  # a C int; the pool itself runs at most 64 helpers
 EVICTION_POLICIES = ("lru", "adaptive", "h2o")
 
 
-def _positive_int(name: str, value, *, allow_zero: bool = False) -> int:
+def _positive_int(name: str, value, *, allow_zero: bool = False, high: int = sys.maxsize) -> int:
     if isinstance(value, bool):
         raise TypeError(f"CacheConfig.{name}: expected an int, got bool {value!r}")
     try:
@@ -20,7 +23,17 @@ def _positive_int(name: str, value, *, allow_zero: bool = False) -> int:
     low = 0 if allow_zero else 1
     if n < low:
         raise ValueError(f"CacheConfig.{name}: expected an int >= {low}, got {n}")
+    if n > high:
+        raise ValueError(f"CacheConfig.{name}: expected an int <= {high}, got {n}")
     return n
+
+
+def _choice(name: str, value, allowed) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"CacheConfig.{name}: expected a str, got {type(value).__name__}")
+    if value not in allowed:
+        raise ValueError(f"CacheConfig.{name}: expected one of {allowed}, got {value!r}")
+    return value
 
 
 def usable_cores() -> int:
@@ -95,8 +108,13 @@ class CacheConfig:
 
     Raises
     ------
-    TypeError, ValueError
-        Naming the field, what it expects and what it got.
+    TypeError
+        A field of the wrong type (a float or str for an int, a non-str
+        dtype, a non-bool flag...), naming the field and what it got.
+    ValueError
+        A value out of range (ints below their minimum or above
+        ``sys.maxsize``, an unknown dtype or policy, inconsistent tiers...),
+        naming the field, what it expects and what it got.
     """
 
     n_layers: int
@@ -150,22 +168,22 @@ class CacheConfig:
             fix("recent_tokens", _positive_int("recent_tokens", self.recent_tokens, allow_zero=True))
         for name in ("adaptive_recency_weight", "adaptive_frequency_weight"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
-                    or value == float("inf"):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"CacheConfig.{name}: expected a number, got {type(value).__name__}")
+            if not value >= 0 or value == float("inf"):
                 raise ValueError(f"CacheConfig.{name}: expected a finite number >= 0, got {value!r}")
             fix(name, float(value))
         if self.threads is not None:
-            fix("threads", _positive_int("threads", self.threads))
+            fix("threads", _positive_int("threads", self.threads, high=MAX_THREADS))
         for name, allowed in (("dtype", DTYPES), ("eviction_policy", EVICTION_POLICIES),
                               ("cold_dtype", DTYPES)):
-            value = getattr(self, name)
-            if name == "cold_dtype" and value is None:
-                continue
-            if not isinstance(value, str) or value not in allowed:
-                raise ValueError(f"CacheConfig.{name}: expected one of {allowed}, got {value!r}")
+            if getattr(self, name) is not None or name != "cold_dtype":
+                _choice(name, getattr(self, name), allowed)
         if self.cold_dir is not None and not isinstance(self.cold_dir, (str, os.PathLike)):
             raise TypeError(
                 f"CacheConfig.cold_dir: expected a path or None, got {type(self.cold_dir).__name__}")
+        if self.cold_dir is not None and not os.fspath(self.cold_dir):
+            raise ValueError(f"CacheConfig.cold_dir: expected a path or None, got {self.cold_dir!r}")
         for name in ("prefault", "persist", "promote_on_read"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"CacheConfig.{name}: expected a bool, "

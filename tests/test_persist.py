@@ -243,3 +243,16 @@ def test_one_live_cache_per_directory(tmp_path):
         with pytest.raises(FileExistsError, match="not empty"):
             kvcache.TieredKVCache(max_seq_len=64, hot_tokens=16, block_tokens=4, cold_dir=scratch, **SHAPE)
         assert len(list(scratch.iterdir())) == 2 * L
+
+
+def test_a_relative_cold_dir_stays_where_it_was_made(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere" / "c").mkdir(parents=True)  # the same relative name, another place
+    c = make("c")
+    c.store_layers(rows(5, layers=L), rows(5, layers=L))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    c.close()  # flushes the index: into tmp_path/c, not elsewhere/c
+    assert (tmp_path / "c" / "index.json").exists()
+    assert not os.listdir(tmp_path / "elsewhere" / "c")
+    with kvcache.TieredKVCache.open(tmp_path / "c") as c:
+        assert c.seq_len == 5

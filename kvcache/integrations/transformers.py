@@ -18,6 +18,7 @@ header.  Batch size 1 only; CPU tensors only.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Tuple
 
 import numpy as np
@@ -80,20 +81,41 @@ class TieredLayer(CacheLayerMixin):
             self._arenas = tuple(_rows_to_torch(r, cfg.dtype, cfg.n_kv_heads, cfg.head_dim) for r in rows)
         self.is_initialized = True
 
+    def _check(self, key_states, value_states) -> None:
+        """Refuse what the cache cannot store, before anything changes (the layer's dtype included)."""
+        cfg = self.kv.config
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"TieredCache: {name} expected a torch.Tensor, got {type(t).__name__}")
+            if t.ndim == 4 and t.shape[0] != 1:
+                raise ValueError(f"TieredCache: expected batch size 1, got {t.shape[0]}")
+            if t.ndim != 4 or t.shape[1] != cfg.n_kv_heads or t.shape[3] != cfg.head_dim:
+                raise ValueError(f"TieredCache: {name} expected shape [1, {cfg.n_kv_heads}, T, "
+                                 f"{cfg.head_dim}], got {list(t.shape)}")
+            if t.device.type != "cpu":
+                raise ValueError(f"TieredCache: expected CPU tensors, got {t.device}")
+            if t.dtype not in _TORCH_DTYPES:
+                raise TypeError(f"TieredCache: {name} expected dtype float32, float16 or bfloat16, "
+                                f"got {t.dtype}")
+        if value_states.shape != key_states.shape or value_states.dtype != key_states.dtype:
+            raise ValueError(f"TieredCache: value_states expected {list(key_states.shape)} "
+                             f"{key_states.dtype} like key_states, got {list(value_states.shape)} "
+                             f"{value_states.dtype}")
+        if self.is_initialized and key_states.dtype != self.dtype:
+            raise TypeError(f"TieredCache: key_states expected {self.dtype} like the earlier updates "
+                            f"of layer {self.layer}, got {key_states.dtype}")
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if key_states.shape[0] != 1:
-            raise ValueError(f"TieredCache: expected batch size 1, got {key_states.shape[0]}")
-        if key_states.device.type != "cpu":
-            raise ValueError(f"TieredCache: expected CPU tensors, got {key_states.device}")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        self._check(key_states, value_states)
         # [1, heads, T, head_dim] -> [T, heads, head_dim]: a view for one token,
         # one copy for a prompt (the cache wants each token's heads contiguous).
         k = key_states.detach()[0].transpose(0, 1)
         v = value_states.detach()[0].transpose(0, 1)
-        if k.shape[0] > 1:
+        if k.shape[0] > 1 or not k.is_contiguous() or not v.is_contiguous():
             k, v = k.contiguous(), v.contiguous()
         self.kv.store(self.layer, _to_numpy(k), _to_numpy(v))
+        if not self.is_initialized:  # after the store: a refused first update leaves the layer fresh
+            self.lazy_initialization(key_states, value_states)
         n = self.kv.layer_len(self.layer)
         if self._arenas is not None:  # no copy: what attention reads is the cache itself
             self.keys, self.values = self._arenas[0][:, :, :n], self._arenas[1][:, :, :n]
@@ -138,6 +160,15 @@ class TieredLayer(CacheLayerMixin):
         _check_single(indices.tolist(), "batch_select_indices")
 
 
+def _index(what, value) -> int:
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{what} expected an int, got {type(value).__name__}")
+
+
 def _check_single(indices, what):
     if list(indices) != [0]:
         raise ValueError(f"TieredCache.{what}: batch size 1 only, got indices {list(indices)}")
@@ -172,7 +203,14 @@ class TieredCache(Cache):
                                 max_seq_len=max_seq_len, **options)
         super().__init__(layers=[TieredLayer(self.kv, l) for l in range(n_layers)])
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        n, layer_idx = len(self.layers), _index("TieredCache: layer_idx", layer_idx)
+        if not 0 <= layer_idx < n:  # a list would take -1 as the last layer
+            raise IndexError(f"TieredCache: layer_idx expected 0 <= layer_idx < {n}, got {layer_idx}")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def crop(self, max_length: int) -> None:
+        max_length = _index("TieredCache.crop: max_length", max_length)
         n = self.kv.seq_len
         self.kv.truncate(max(0, n + max_length) if max_length < 0 else max_length)
 
