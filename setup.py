@@ -7,14 +7,16 @@ Environment knobs (all optional):
   KVCACHE_VECTOR=N      force the compile-time path (0 scalar, 1 sse2, 4 neon).
 """
 import os
-import platform
+import sysconfig
 
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 DEBUG = os.environ.get("KVCACHE_DEBUG", "") not in ("", "0")
-machine = platform.machine().lower()
+# The target's machine: sysconfig.get_platform() is "linux-x86_64" on this host,
+# or _PYTHON_HOST_PLATFORM in a cross build (.ci/aarch64 sets "linux-aarch64").
+machine = sysconfig.get_platform().rsplit("-", 1)[-1].lower()
 x86 = machine in ("x86_64", "amd64", "i686", "x86")
 
 cflags = ["-std=c11", "-O0", "-g"] if DEBUG else ["-std=c11", "-O3"]

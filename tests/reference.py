@@ -5,6 +5,36 @@ import numpy as np
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
+# numpy's float16 casts are kvcache's reference except for NaNs, where numpy's
+# result depends on the machine: its software conversion (x86-64) keeps the
+# payload and a signalling NaN stays signalling, as kvcache does everywhere;
+# on AArch64 numpy converts with FCVT, which quiets signalling NaNs (and flags
+# "invalid").  These two give the documented NaN bits on every machine.
+
+def f32_to_f16(x):
+    """float32 -> float16: numpy's astype(np.float16); a NaN keeps the top 10 bits
+    of its payload (0x7c00 | mant >> 13, made 0x7c01 if that is inf), sign kept."""
+    x = np.asarray(x, np.float32)
+    with np.errstate(all="ignore"):  # overflow to inf is the documented rounding
+        h = x.astype(np.float16).view(np.uint16)
+    u = x.view(np.uint32)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    payload = np.maximum((u >> 13) & 0x3FF, 1).astype(np.uint16)
+    return np.where(nan, ((u >> 16) & 0x8000).astype(np.uint16) | 0x7C00 | payload,
+                    h).view(np.float16)
+
+
+def f16_to_f32(h):
+    """float16 -> float32: exact; a NaN's payload is shifted up, not quieted."""
+    h = np.asarray(h, np.float16)
+    with np.errstate(all="ignore"):
+        f = h.astype(np.float32).view(np.uint32)
+    u = h.view(np.uint16).astype(np.uint32)
+    nan = (u & 0x7FFF) > 0x7C00
+    return np.where(nan, ((u & 0x8000) << 16) | 0x7F800000 | ((u & 0x3FF) << 13),
+                    f).view(np.float32)
+
+
 def quantize(x):
     """int8 per (token, head), as documented: scale = max|x| / 127 (float32), q =
     rint(x / scale) clipped to +-127; an all-zero group has scale 0 and q 0; a
@@ -32,7 +62,7 @@ def stored(x, dtype):
         if dtype == "float32":
             return x
         if dtype == "float16":
-            return x.astype(np.float16)
+            return f32_to_f16(x)
         if dtype == "bfloat16":
             return x.astype(BF16)
     return quantize(x)
@@ -42,6 +72,8 @@ def widened(s, dtype):
     """float32 values of a stored representation."""
     if dtype == "int8":
         return dequantize(*s)
+    if dtype == "float16":
+        return f16_to_f32(s)
     return np.asarray(s).astype(np.float32)
 
 

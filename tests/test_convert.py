@@ -1,7 +1,9 @@
 """The conversion kernels (f32 <-> f16, f32 <-> bf16) and int8 groups on every SIMD path.
 
 Each path against numpy's float16 and ml_dtypes' bfloat16, bit for bit (NaN
-payloads too), and against the scalar oracle.  tests/c checks the same
+payloads too: for float16 NaNs, numpy's software conversion, which reference.py
+spells out because numpy on AArch64 converts in hardware, quieting signalling
+NaNs), and against the scalar oracle.  tests/c checks the same
 kernels over wider grids, natively and under qemu for NEON.
 """
 import os
@@ -15,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 
 import kvcache
 from kvcache import _simd
+from reference import f16_to_f32, f32_to_f16
 
 BACKENDS = kvcache.available_backends()
 BF16 = ml_dtypes.bfloat16
@@ -38,8 +41,7 @@ def convert(backend, kind, src):
 
 
 def numpy_f16(x):
-    with np.errstate(all="ignore"):  # overflow to inf is part of the test
-        return bits(x.astype(np.float16))
+    return bits(f32_to_f16(x))
 
 
 def ml_bf16(x):
@@ -84,7 +86,7 @@ def random_bit_patterns(n, seed):
 def test_f16_to_f32_all_halves(backend):
     halves = ALL16.view(np.float16)
     got = convert(backend, "f16_f32", halves)
-    np.testing.assert_array_equal(got, bits(halves.astype(np.float32)))  # NaN payloads shifted
+    np.testing.assert_array_equal(got, bits(f16_to_f32(halves)))  # NaN payloads shifted
     assert (convert(backend, "f32_f16", f32(got)) == ALL16).all()  # and back, NaNs included
 
 
@@ -106,6 +108,20 @@ def test_f32_to_f16_matches_numpy(backend, inputs):
          "edges": lambda: FLOAT32_EDGES,
          "random": lambda: random_bit_patterns(1_000_000, 5)}[inputs]()
     np.testing.assert_array_equal(convert(backend, "f32_f16", x), numpy_f16(x))
+
+
+def test_the_float16_reference_is_numpy_but_for_signalling_nans():
+    """reference.py departs from numpy's casts only where they depend on the
+    machine: at signalling NaNs, which hardware conversions quiet."""
+    x = np.concatenate([FLOAT32_EDGES, random_bit_patterns(100_000, 6)])
+    u = bits(x)
+    quiet = ((u & 0x7fffffff) <= 0x7f800000) | ((u & 0x400000) != 0)
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(numpy_f16(x)[quiet], bits(x.astype(np.float16))[quiet])
+    h = ALL16.view(np.float16)
+    quiet = ((ALL16 & 0x7fff) <= 0x7c00) | ((ALL16 & 0x200) != 0)
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(bits(f16_to_f32(h))[quiet], bits(h.astype(np.float32))[quiet])
 
 
 # -- bf16 ---------------------------------------------------------------------
