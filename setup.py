@@ -5,6 +5,13 @@ Environment knobs (all optional):
   KVCACHE_NATIVE=1      add -march=native to the portable files (opt-in; the
                         wheel then runs only on CPUs like the build machine).
   KVCACHE_VECTOR=N      force the compile-time path (0 scalar, 1 sse2, 4 neon).
+  KVCACHE_SANITIZE=LIST build every extension with -fsanitize=LIST (a comma
+                        list, e.g. address,undefined), -O1 -g
+                        -fno-omit-frame-pointer, -fno-sanitize-recover=all (any
+                        UBSan finding aborts) and -fno-wrapv (so that signed
+                        overflow is reported).  Python itself is not
+                        instrumented: run it with the sanitizer runtime
+                        preloaded, as .ci/sanitize does (README: Sanitizers).
 """
 import os
 import sysconfig
@@ -23,6 +30,16 @@ cflags = ["-std=c11", "-O0", "-g"] if DEBUG else ["-std=c11", "-O3"]
 cflags += ["-Wno-unused-function"]
 if os.environ.get("KVCACHE_NATIVE", "") not in ("", "0"):
     cflags.append("-march=native")
+SANITIZE = os.environ.get("KVCACHE_SANITIZE", "").strip()
+sanitize_flags = []
+if SANITIZE:
+    if not all(part.strip() for part in SANITIZE.split(",")):
+        raise SystemExit(f"KVCACHE_SANITIZE={SANITIZE!r}: expected a comma list like address,undefined")
+    # Python's own CFLAGS carry -fwrapv, which defines signed overflow: -fno-wrapv
+    # undoes it so that UBSan reports an overflow in kvcache's code.
+    sanitize_flags = [f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
+                      "-g", "-fno-wrapv"]
+    cflags = [f for f in cflags if not f.startswith("-O")] + ["-O0" if DEBUG else "-O1"] + sanitize_flags
 if os.environ.get("KVCACHE_VECTOR"):
     cflags.append(f"-DKVC_VECTOR={int(os.environ['KVCACHE_VECTOR'])}")
 
@@ -39,7 +56,7 @@ def ext(name, sources=(), extra_compile=(), extra_link=()):
         include_dirs=["include", np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_20_API_VERSION")],
         extra_compile_args=(baseline_cflags if sources else cflags) + list(extra_compile),
-        extra_link_args=list(extra_link),
+        extra_link_args=list(extra_link) + sanitize_flags,
     )
 
 

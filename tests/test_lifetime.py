@@ -1,5 +1,6 @@
 """Memory: aligned, zeroed arenas freed exactly once by close, with, or garbage collection."""
 import gc
+import os
 import weakref
 
 import numpy as np
@@ -92,3 +93,74 @@ def test_repeated_create_close_does_not_leak():
         with kvcache.TieredKVCache(max_seq_len=300 + i, **SHAPE) as c:
             c.store_layers(rows(3, layers=3), rows(3, layers=3))
     assert live() == before
+
+
+# --- resident memory over many create / store / get / close cycles ----------
+
+RSS_SHAPE = dict(n_layers=2, n_kv_heads=8, head_dim=128, max_seq_len=1024)
+RSS_TOKENS = 600  # more than a tiered cache's 512 hot tokens: blocks go to the cold tier
+RSS_CONFIGS = [
+    dict(dtype="float32"),
+    dict(dtype="int8"),
+    dict(dtype="float32", hot_tokens=512, block_tokens=16, cold=True),
+    dict(dtype="int8", hot_tokens=512, block_tokens=16, cold=True),
+]
+RSS_WARMUP, RSS_CYCLES = 24, 300
+RSS_LIMIT = 4 << 20  # bytes of growth allowed over RSS_CYCLES (measured: 0)
+
+
+def resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def under_asan():
+    # .ci/sanitize exports KVCACHE_SANITIZE; the runtime's mapping catches a manual run.
+    with open("/proc/self/maps") as f:
+        return "address" in os.environ.get("KVCACHE_SANITIZE", "") or "libasan" in f.read()
+
+
+def rss_cycle(i, tmp_path, K, V):
+    kw = dict(RSS_CONFIGS[i % len(RSS_CONFIGS)])
+    if kw.pop("cold", False):
+        kw["cold_dir"] = tmp_path / f"cold{i % len(RSS_CONFIGS)}"
+    with kvcache.TieredKVCache(**RSS_SHAPE, **kw) as c:
+        c.store_layers(K, V)
+        c.store(1, K[1, 0], V[1, 0])
+        for l in range(RSS_SHAPE["n_layers"]):
+            k, v = c.get(l)
+            assert k.shape[0] == RSS_TOKENS + (l == 1)
+        arena = c.nbytes // (2 * RSS_SHAPE["n_layers"])
+    assert c.closed
+    return arena
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads /proc/self/statm")
+def test_repeated_cycles_keep_resident_memory_flat(tmp_path):
+    """Create, store (RAM and tiered, float32 and int8), get and close, many
+    times: resident memory stays flat.  Every arena is prefaulted (committed),
+    so one leaked arena costs its whole size; the smallest here is an int8
+    tiered cache's 512 hot tokens, and leaking even one per 10 cycles would
+    grow RSS by several times the bound (checked below)."""
+    if under_asan():
+        pytest.skip("ASan's allocator quarantines freed memory and maps shadow: RSS means nothing")
+    L, H, D = RSS_SHAPE["n_layers"], RSS_SHAPE["n_kv_heads"], RSS_SHAPE["head_dim"]
+    K = rows(RSS_TOKENS, layers=L, seed=3, heads=H, dim=D)
+    V = rows(RSS_TOKENS, layers=L, seed=4, heads=H, dim=D)
+    arenas = [rss_cycle(i, tmp_path, K, V) for i in range(len(RSS_CONFIGS))]
+    assert (RSS_CYCLES // 10) * min(arenas) > 2 * RSS_LIMIT, arenas
+
+    for i in range(RSS_WARMUP):  # the allocator's caches settle
+        rss_cycle(i, tmp_path, K, V)
+    gc.collect()
+    rss, fds, blocks = resident_bytes(), open_fds(), live()
+    for i in range(RSS_CYCLES):
+        rss_cycle(i, tmp_path, K, V)
+    gc.collect()
+    growth = resident_bytes() - rss
+    assert live() == blocks and open_fds() == fds
+    assert growth < RSS_LIMIT, f"RSS grew {growth / 2**20:.1f} MiB over {RSS_CYCLES} cycles"

@@ -346,9 +346,10 @@ static int check_quant(int backend)
 int main(int argc, char **argv)
 {
     size_t cap = KVC_TEST_MAX_N + 2 * GUARD + 2 * MAX_OFF + 64;
-    uint32_t *src = aligned_alloc(64, cap * 4 + 64);
-    uint32_t *want = aligned_alloc(64, cap * 4 + 64);
-    uint32_t *got = aligned_alloc(64, cap * 4 + 64);
+    size_t cap_bytes = (cap * 4 + 64 + 63) & ~(size_t)63; /* aligned_alloc: a multiple of 64 */
+    uint32_t *src = aligned_alloc(64, cap_bytes);
+    uint32_t *want = aligned_alloc(64, cap_bytes);
+    uint32_t *got = aligned_alloc(64, cap_bytes);
     unsigned char *data = malloc(CRC_BUF);
     float *pool = malloc(POOL * sizeof *pool);
     uint32_t *narrow = malloc(N_NARROW * sizeof *narrow);
