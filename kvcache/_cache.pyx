@@ -370,7 +370,7 @@ cdef class TieredKVCache:
             ``[stop - start, n_kv_heads, head_dim]``; filled and returned, and
             nothing is allocated.
         copy : bool
-            (A bool: anything else raises ``TypeError``.)  ``False`` returns read-only zero-copy views instead of copies: of
+            ``False`` returns read-only zero-copy views instead of copies: of
             the RAM arenas while every position fits there (``hot_tokens=None``),
             else of the cold tier's memory-mapped files (positions still only in
             RAM are first written to them, without fsync).  A view keeps its
@@ -378,6 +378,7 @@ cdef class TieredKVCache:
             it is referenced, and shows the stored positions until they are
             truncated and stored again.  Views show the stored representation
             of the tier they view: other than float32, they need ``raw=True``.
+            A bool: anything else raises ``TypeError``.
         raw : bool
             Return the stored representation instead of float32 (both tiers
             must store the same dtype): float16 arrays, ``ml_dtypes.bfloat16``
