@@ -163,4 +163,7 @@ def test_repeated_cycles_keep_resident_memory_flat(tmp_path):
     gc.collect()
     growth = resident_bytes() - rss
     assert live() == blocks and open_fds() == fds
+    if os.environ.get("KVCACHE_EMULATED"):  # set by .ci/aarch64
+        pytest.skip("RSS under qemu-user is the emulator's, which grows with every large "
+                    "mmap/munmap (plain numpy arrays too); fds and allocator blocks were checked")
     assert growth < RSS_LIMIT, f"RSS grew {growth / 2**20:.1f} MiB over {RSS_CYCLES} cycles"
