@@ -65,8 +65,11 @@ extensions = [
     ext("_status"),
     ext("_codec"),
     ext("_arrays"),
+    ext("_arena"),
+    ext("_format"),
     ext("_cold"),
     ext("_policy"),
+    ext("_moves"),
     ext("_hot", ["src/kvc_pool.c"], extra_link=["-pthread"]),
     ext("_cache"),
 ]

@@ -11,7 +11,7 @@ from kvcache.config import CacheConfig
 _F32 = npt.NDArray[np.float32]
 
 STAT_NAMES: dict[str, int]
-FORMATS: dict[str, int]
+DTYPES: dict[str, Any]
 INDEX_CONFIG_FIELDS: tuple[str, ...]
 
 @disjoint_base
@@ -22,6 +22,7 @@ class TieredKVCache:
     @classmethod
     def open(cls, cold_dir: Union[str, "os.PathLike[str]"], **overrides: Any) -> "TieredKVCache": ...
     def _restore(self, index: Any) -> None: ...
+    def _path_of(self, layer: int, kind: int) -> Optional[str]: ...
     def close(self) -> None: ...
     @property
     def closed(self) -> bool: ...

@@ -1,7 +1,11 @@
 """TieredKVCache: the public cache object.
 
-Validation happens here, with the GIL; the copies happen in kvcache._hot,
-without it.  See README.md, "Thread safety", for the concurrency contract.
+Owns: checking what callers pass (with the GIL), the cache's lifetime
+(create, open, flush, close) and the persisted index's writes.  The copies
+happen in kvcache._hot, without the GIL; a failed native call fills an
+error record that kvcache._status.raise_error turns into the exception.
+Must not touch: blocks, slots or file bytes (the engine's and the format's).
+See README.md, "Thread safety", for the concurrency contract.
 """
 import dataclasses
 import os
@@ -13,35 +17,31 @@ cimport numpy as cnp
 from cpython.number cimport PyIndex_Check
 
 from kvcache._arrays cimport array_kind, as_array, check_rows
-from kvcache._codec cimport FMT_F32
-from kvcache._codec import FORMATS, unpack_rows
-from kvcache._ckvc cimport KVC_OK, KVC_E_CLOSED, KVC_E_FULL, KVC_E_RANGE, KVC_E_IO, KVC_E_CORRUPT
+from kvcache._ckvc cimport KVC_OK, KVC_E_CLOSED, kvc_error, kvc_error_clear
+from kvcache._codec cimport FMT_F32, Rows
+from kvcache._codec import DTYPES, unpack_rows
+from kvcache._cold import ColdStore
+from kvcache._format import INDEX_CONFIG_FIELDS, check_size, file_name, index_entry, read_index
 from kvcache._hot cimport HotTier
 from kvcache._hot import STAT_NAMES
-from kvcache._cold cimport HEADER_BYTES
-from kvcache._cold import ColdStore, INDEX_CONFIG_FIELDS, read_index
 from kvcache._simd cimport simd_ops
-from kvcache._status cimport check_status
+from kvcache._status cimport check_status, raise_error
 from kvcache.config import CacheConfig, usable_cores
-from kvcache.errors import CacheClosedError, CorruptionError
+from kvcache.errors import CacheClosedError
 
 cnp.import_array()
 
 
-def _index_entry(length, blocks, B):
-    """The index's record of a layer: the prefix its files hold (complete blocks,
-    then the partial one; stores that ran since the write-back are not on disk)."""
-    keep = 0
-    for _, rows, _, _ in blocks:
-        keep += rows
-        if rows < B:
-            break
-    keep = min(keep, length)
-    nb = (keep + B - 1) // B
-    return {"length": keep,
-            "rows": [min(B, keep - i * B) for i in range(nb)],
-            "crc_k": [k for _, _, k, _ in blocks[:nb]],
-            "crc_v": [v for _, _, _, v in blocks[:nb]]}
+cdef inline Rows _rows(cnp.ndarray k, cnp.ndarray v, int axis, int token_rank):
+    """Keys and values arrays as native rows: the step is the stride of the
+    token axis ``axis`` in an array of rank ``token_rank``; a single token
+    (lower rank) has none, and its step is never used."""
+    cdef Rows r
+    r.k = <char *>cnp.PyArray_DATA(k)
+    r.v = <char *>cnp.PyArray_DATA(v)
+    r.k_step = cnp.PyArray_STRIDE(k, axis) if cnp.PyArray_NDIM(k) == token_rank else 0
+    r.v_step = cnp.PyArray_STRIDE(v, axis) if cnp.PyArray_NDIM(v) == token_rank else 0
+    return r
 
 
 cdef class TieredKVCache:
@@ -74,6 +74,7 @@ cdef class TieredKVCache:
     cdef HotTier hot
     cdef object cold        # ColdStore, or None while every position is in RAM and no view was asked
     cdef list durable       # persist: per-layer lengths the last index records
+    cdef list written       # persist: the layers' entries in the last index written or read
     cdef object index_lock  # serialises flush and close (the index's writers)
     cdef Py_ssize_t n_layers, n_heads, head_dim
 
@@ -115,21 +116,19 @@ cdef class TieredKVCache:
         return self.cold
 
     def _restore(self, index):
+        cdef kvc_error rec
         self.cold = ColdStore(self.config, existing=True)
         self.hot.attach_cold(self.cold)
         c = self.config
         for l, entry in enumerate(index["layers"]):
             length = entry["length"]
-            sizes = self.cold.file_sizes(l)
-            need = HEADER_BYTES + length * c.cold_row_bytes
-            for kind in range(2):
-                if sizes[kind] < need:
-                    raise CorruptionError(0, f"cold file holds {sizes[kind]} bytes; the index needs "
-                                             f"{need} for {length} positions", self.cold.path_of(l, kind))
-            status = self.hot.restore(l, length, entry["rows"], entry["crc_k"], entry["crc_v"])
-            if status != KVC_OK:
-                self._raise(status, l)
+            for kind, size in enumerate(self.cold.file_sizes(l)):
+                check_size(self.cold.path_of(l, kind), size, length, c.cold_row_bytes)
+            kvc_error_clear(&rec)
+            if self.hot.restore(l, length, entry["rows"], entry["crc_k"], entry["crc_v"], &rec) != KVC_OK:
+                self._fail(&rec, "open")
             self.durable[l] = length
+        self.written = list(index["layers"])
 
     @classmethod
     def open(cls, cold_dir, **overrides):
@@ -243,35 +242,13 @@ cdef class TieredKVCache:
             raise IndexError(f"layer: expected 0 <= layer < {self.n_layers}, got {l}")
         return l
 
-    cdef int _raise(self, int status, Py_ssize_t layer) except -1:
-        """Raise for a failed native call on ``layer`` (-1: any layer)."""
-        if status == KVC_E_IO or status == KVC_E_CORRUPT:
-            for l in ([layer] if layer >= 0 else range(self.n_layers)):
-                err, bad = self.hot.error_detail(l)
-                if status == KVC_E_IO and err or status == KVC_E_CORRUPT and bad >= 0:
-                    break
-            if status == KVC_E_IO:
-                return check_status(status, f"cannot write the cold files of layer {l}: "
-                                            f"{os.strerror(err)} (nothing was stored)", err,
-                                    self.cold.path_of(l, 0))
-            return check_status(status, f"block {bad} (positions {bad * self.config.block_tokens}..) "
-                                        f"of layer {l} failed its CRC32C check", 0,
-                                self.cold.path_of(l, 0) + " / " + self.cold.path_of(l, 1))
-        return check_status(status)
+    def _path_of(self, layer, kind):
+        """The path of a layer's keys (0) or values (1) file, or None without a cold tier."""
+        return None if self.cold is None else os.path.join(self.cold.path, file_name(layer, kind))
 
-    cdef int _raise_store(self, int status, Py_ssize_t layer, Py_ssize_t n) except -1:
-        if status == KVC_E_FULL:
-            if layer < 0:  # store_layers: name the fullest layer
-                layer = max(range(self.n_layers), key=self.layer_len)
-            have = self.layer_len(layer)
-            c = self.config
-            if have + n > c.max_seq_len:
-                return check_status(status, f"layer {layer} holds {have} positions; {n} more would "
-                                            f"exceed max_seq_len={c.max_seq_len} (nothing was stored)")
-            return check_status(status, f"storing {n} more positions in layer {layer} could exceed "
-                                        f"max_cold_bytes={c.max_cold_bytes} (the cold tier holds "
-                                        f"{self.hot.stat('cold_bytes_on_disk')} bytes; nothing was stored)")
-        return self._raise(status, layer)
+    cdef int _fail(self, const kvc_error *rec, str op, Py_ssize_t start=-1) except -1:
+        """Raise what a failed native call's record says (see kvcache._status)."""
+        return raise_error(rec, op, self._path_of, self.config.block_tokens, start)
 
     # -- stores -----------------------------------------------------------
     cdef int _store(self, object layer, object keys, object values, bint batch) except -1:
@@ -284,15 +261,14 @@ cdef class TieredKVCache:
         cdef Py_ssize_t nv = check_rows(v, "values", 3, self.n_heads, self.head_dim, not batch)
         _check_tokens(n, nv)
         k, v = _unaliased(self.hot, k), _unaliased(self.hot, v)
-        # A single token has no token axis; its step is never used.
-        cdef Py_ssize_t k_step = cnp.PyArray_STRIDE(k, 0) if cnp.PyArray_NDIM(k) == 3 else 0
-        cdef Py_ssize_t v_step = cnp.PyArray_STRIDE(v, 0) if cnp.PyArray_NDIM(v) == 3 else 0
+        cdef Rows src = _rows(k, v, 0, 3)
+        cdef kvc_error rec
         cdef int status
+        kvc_error_clear(&rec)
         with nogil:
-            status = self.hot.append(l, kind, n, <const char *>cnp.PyArray_DATA(k), k_step,
-                                     <const char *>cnp.PyArray_DATA(v), v_step)
+            status = self.hot.append(l, kind, n, src, &rec)
         if status != KVC_OK:
-            self._raise_store(status, l, n)
+            self._fail(&rec, "store")
         return 0
 
     def store(self, layer, keys, values):
@@ -342,13 +318,15 @@ cdef class TieredKVCache:
         cdef Py_ssize_t n = k.shape[1]
         _check_tokens(n, v.shape[1])
         k, v = _unaliased(self.hot, k), _unaliased(self.hot, v)
+        cdef Rows src = _rows(k, v, 1, 4)
+        cdef Py_ssize_t k_layer_step = cnp.PyArray_STRIDE(k, 0), v_layer_step = cnp.PyArray_STRIDE(v, 0)
+        cdef kvc_error rec
         cdef int status
+        kvc_error_clear(&rec)
         with nogil:
-            status = self.hot.append_all(
-                kind, n, <const char *>cnp.PyArray_DATA(k), cnp.PyArray_STRIDE(k, 0), cnp.PyArray_STRIDE(k, 1),
-                <const char *>cnp.PyArray_DATA(v), cnp.PyArray_STRIDE(v, 0), cnp.PyArray_STRIDE(v, 1))
+            status = self.hot.append_all(kind, n, src, k_layer_step, v_layer_step, &rec)
         if status != KVC_OK:
-            self._raise_store(status, -1, n)
+            self._fail(&rec, "store")
 
     # -- reads ------------------------------------------------------------
     def get(self, layer, start=0, stop=None, out=None, copy=True, raw=False):
@@ -422,6 +400,8 @@ cdef class TieredKVCache:
         cdef cnp.ndarray ko, vo
         cdef cnp.npy_intp dims[3]
         cdef int status
+        cdef kvc_error rec
+        cdef Rows dst
         c = self.config
         if raw and copy and c.dtype != c.cold_format:
             raise ValueError(f"get(raw=True): the hot tier stores {c.dtype} and the cold tier "
@@ -445,12 +425,12 @@ cdef class TieredKVCache:
             ko, vo = self._check_out(out, n)
         if n == 0:
             return (ko, vo) if out is None else out
+        dst = _rows(ko, vo, 0, 3)
+        kvc_error_clear(&rec)
         with nogil:
-            status = self.hot.read(l, FMT_F32, a, b, <char *>cnp.PyArray_DATA(ko), cnp.PyArray_STRIDE(ko, 0),
-                                   <char *>cnp.PyArray_DATA(vo), cnp.PyArray_STRIDE(vo, 0))
-        if status == KVC_E_RANGE:
-            check_status(status, f"get: positions {a}:{b} of layer {l} were truncated meanwhile")
-        self._raise(status, l)
+            status = self.hot.read(l, FMT_F32, a, b, dst, &rec)
+        if status != KVC_OK:
+            self._fail(&rec, "get", a)
         return (ko, vo) if out is None else out
 
     cdef tuple _views(self, Py_ssize_t l, Py_ssize_t a, Py_ssize_t b):
@@ -462,14 +442,12 @@ cdef class TieredKVCache:
                     unpack_rows(rows[1], self.config.dtype, self.n_heads, self.head_dim))
         cold = self._cold_store()
         cdef int status
+        cdef kvc_error rec
+        kvc_error_clear(&rec)
         with nogil:
-            status = self.hot.write_back_range(l, a, b, True)
-        if status == KVC_E_FULL:
-            check_status(status, f"get(copy=False): writing positions {a}:{b} of layer {l} to the "
-                                 f"cold tier would exceed max_cold_bytes={self.config.max_cold_bytes}")
-        if status == KVC_E_RANGE:
-            check_status(status, f"get: positions {a}:{b} of layer {l} were truncated meanwhile")
-        self._raise(status, l)
+            status = self.hot.write_back_range(l, a, b, True, &rec)
+        if status != KVC_OK:
+            self._fail(&rec, "view", a)
         self.hot.account_view(l, a, b)
         fmt = self.config.cold_format
         return (unpack_rows(cold.view(l, 0, a, b), fmt, self.n_heads, self.head_dim),
@@ -479,15 +457,16 @@ cdef class TieredKVCache:
         cdef Py_ssize_t rb = self.config.row_bytes
         cdef cnp.ndarray kb = np.empty((b - a, rb), np.uint8)
         cdef cnp.ndarray vb = np.empty((b - a, rb), np.uint8)
-        cdef int kind = FORMATS[self.config.dtype]
+        cdef int kind = DTYPES[self.config.dtype].code
         cdef int status = KVC_OK
+        cdef kvc_error rec
+        cdef Rows dst = _rows(kb, vb, 0, 2)
+        kvc_error_clear(&rec)
         if b > a:
             with nogil:
-                status = self.hot.read(l, kind, a, b, <char *>cnp.PyArray_DATA(kb), rb,
-                                       <char *>cnp.PyArray_DATA(vb), rb)
-        if status == KVC_E_RANGE:
-            check_status(status, f"get: positions {a}:{b} of layer {l} were truncated meanwhile")
-        self._raise(status, l)
+                status = self.hot.read(l, kind, a, b, dst, &rec)
+        if status != KVC_OK:
+            self._fail(&rec, "get", a)
         fmt = self.config.dtype
         return (unpack_rows(kb, fmt, self.n_heads, self.head_dim),
                 unpack_rows(vb, fmt, self.n_heads, self.head_dim))
@@ -534,9 +513,12 @@ cdef class TieredKVCache:
             raise ValueError(f"truncate: expected n >= 0, got {n}")
         cdef Py_ssize_t m = min(n, self.config.max_seq_len)
         cdef int status
+        cdef kvc_error rec
+        kvc_error_clear(&rec)
         with nogil:
-            status = self.hot.truncate(m)
-        check_status(status)
+            status = self.hot.truncate(m, &rec)
+        if status != KVC_OK:
+            self._fail(&rec, "truncate")
 
         if self.config.persist and m < max(self.durable):
             self.flush()  # the index must not promise rows that stores will now overwrite
@@ -569,35 +551,38 @@ cdef class TieredKVCache:
     cdef int _persist(self, bint seal) except -1:
         """flush(), or with ``seal`` close()'s last flush: each layer is written
         back and closed under its lock, so a store either lands before it (and
-        is kept) or raises CacheClosedError.  The caller holds index_lock."""
+        is kept) or raises CacheClosedError.  The caller holds index_lock.
+
+        The index is rewritten only when it would change: closing a reopened
+        cache that stored nothing writes nothing."""
         cdef Py_ssize_t l, length
-        cdef int status, failed = KVC_OK, failed_layer = 0
+        cdef int status
+        cdef kvc_error rec, failed
+        kvc_error_clear(&failed)
         layers = []
         for l in range(self.n_layers):
+            kvc_error_clear(&rec)
             if seal:
-                status, table = self.hot.seal(l)
+                table = self.hot.seal(l, &rec)
                 if table is None:
-                    check_status(status)  # closed by someone else: not under index_lock
-                length, blocks = table
-                if status != KVC_OK and failed == KVC_OK:
-                    failed, failed_layer = status, l  # keep what is on disk; raise at the end
+                    self._fail(&rec, "close")  # closed by someone else: not under index_lock
+                if rec.code != KVC_OK and failed.code == KVC_OK:
+                    failed = rec  # keep what is on disk; raise at the end
             else:
                 length = self._length(l)
                 with nogil:
-                    status = self.hot.write_back_range(l, 0, length, False)
-                self._check_write_back(status, l)
-                length, blocks = self.hot.block_table(l)
-            layers.append(_index_entry(length, blocks, self.config.block_tokens))
-        self.cold.fsync()
-        self.cold.write_index(layers)
+                    status = self.hot.write_back_range(l, 0, length, False, &rec)
+                if status != KVC_OK:
+                    self._fail(&rec, "flush")
+                table = self.hot.block_table(l)
+            layers.append(index_entry(table[0], table[1], self.config.block_tokens))
+        if layers != self.written:
+            self.cold.fsync()
+            self.cold.write_index(layers)
+            self.written = layers
         self.durable = [entry["length"] for entry in layers]
-        self._check_write_back(failed, failed_layer)
-
-    cdef int _check_write_back(self, int status, Py_ssize_t l) except -1:
-        if status == KVC_E_FULL:
-            check_status(status, f"flush: the cache holds more than max_cold_bytes="
-                                 f"{self.config.max_cold_bytes} bytes")
-        return self._raise(status, l)
+        if failed.code != KVC_OK:
+            self._fail(&failed, "close")
 
     def update_scores(self, layer, attn):
         """Add attention weights to the "h2o" policy's per-position scores.
@@ -630,12 +615,13 @@ cdef class TieredKVCache:
         cdef float[::1] acc = np.zeros(n, np.float32)
         cdef const float[:, ::1] r = rows
         cdef int status
+        cdef kvc_error rec
+        kvc_error_clear(&rec)
         with nogil:
             simd_ops().add_rows(&acc[0], &r[0, 0], <size_t>r.shape[0], <size_t>n, <size_t>n)
-            status = self.hot.add_scores(l, &acc[0], n)
-        if status == KVC_E_RANGE:
-            check_status(status, f"update_scores: layer {l} was truncated meanwhile")
-        check_status(status)
+            status = self.hot.add_scores(l, &acc[0], n, &rec)
+        if status != KVC_OK:
+            self._fail(&rec, "scores", 0)
 
     def _hot_tier(self):
         """Test hook: the HotTier behind this cache."""

@@ -99,6 +99,26 @@ cdef extern from "kvc_status.h" nogil:
         KVC_E_INVALID
         KVC_E_IO
         KVC_E_CORRUPT
+    enum kvc_limit:
+        KVC_LIMIT_NONE
+        KVC_LIMIT_SEQ_LEN
+        KVC_LIMIT_COLD_BYTES
+        KVC_LIMIT_SLOTS
+    ctypedef struct kvc_error:
+        int code
+        int err
+        int limit_kind
+        int file_kind
+        int64_t layer
+        int64_t block
+        int64_t held
+        int64_t asked
+        uint64_t limit
+    void kvc_error_clear(kvc_error *e)
+    int kvc_fail(kvc_error *e, int code, int64_t layer, int64_t block)
+    int kvc_fail_io(kvc_error *e, int err, int64_t layer, int64_t block, int file_kind)
+    int kvc_fail_full(kvc_error *e, int limit_kind, int64_t layer, int64_t held, int64_t asked,
+                      uint64_t limit)
 
 cdef extern from "kvc_pool.h" nogil:
     int KVC_POOL_MAX_WORKERS

@@ -1,17 +1,54 @@
-"""Row formats and the conversions between them, through the SIMD header.
+"""The storage dtypes, their row formats, and the conversions between them.
 
-Every byte the cache moves goes through ``convert_rows``: a plain (or
-streaming) copy when both sides have the same format, else the header's
+Owns: the one table of dtypes (name, native code, element size, numpy and
+torch types; the code is also a cold file header's dtype field), the row
+layout of each (``row_format``: the one row-bytes formula), and every copy
+of rows: ``convert_pair`` moves keys and values together, a plain (or
+streaming) copy when both sides have the same format, else the SIMD header's
 conversion kernels (float16 / bfloat16 narrowing and widening, int8
 quantisation), by way of float32 when neither side is float32.
+Must not touch: locks, blocks, tiers (callers say where rows are).
 """
+from collections import namedtuple
+
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport int8_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 
 from kvcache._ckvc cimport KVC_OK, KVC_E_NOMEM, kvc_copy_fn, kvc_cvt_fn
 
-FORMATS = {"float32": FMT_F32, "float16": FMT_F16, "bfloat16": FMT_BF16, "int8": FMT_I8}
+DTypeInfo = namedtuple("DTypeInfo", ["name", "code", "itemsize", "numpy", "torch"])
+DTypeInfo.__doc__ = """One storage dtype: its config name, native code (FMT_*, also the
+cold header's dtype field), bytes per element, numpy dtype name (``"bfloat16"``
+is ml_dtypes'), and torch dtype name (None: torch tensors of it are not inputs)."""
+
+# The one table of storage dtypes.
+DTYPES = {d.name: d for d in (
+    DTypeInfo("float32", FMT_F32, 4, "float32", "float32"),
+    DTypeInfo("float16", FMT_F16, 2, "float16", "float16"),
+    DTypeInfo("bfloat16", FMT_BF16, 2, "bfloat16", "bfloat16"),
+    DTypeInfo("int8", FMT_I8, 1, "int8", None),
+)}
+
+
+def row_bytes(str dtype, n_heads, head_dim):
+    """Bytes of one token's keys (or values) in one layer, stored as ``dtype``.
+
+    Raises MemoryError for a row too large to address (its size would
+    overflow the native formula)."""
+    if n_heads * head_dim > PY_SSIZE_T_MAX // 8:  # Python ints: no wrap-around here
+        raise MemoryError(f"a row of {n_heads} x {head_dim} values is larger than this machine can address")
+    return row_format(DTYPES[dtype].code, n_heads, head_dim).row_bytes
+
+
+def numpy_dtype(str dtype):
+    """The numpy dtype of a stored element (ml_dtypes' for bfloat16)."""
+    import numpy as np
+    if dtype == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(DTYPES[dtype].numpy)
 
 
 cdef RowFmt row_format(int kind, Py_ssize_t n_heads, Py_ssize_t head_dim) noexcept nogil:
@@ -62,6 +99,16 @@ cdef inline void from_f32(const kvc_simd_ops *ops, const RowFmt *f, const float 
         half_fn(ops, f.kind, False)(dst, src, n)
 
 
+cdef int convert_pair(const kvc_simd_ops *ops, bint streaming,
+                      const RowFmt *src_fmt, Rows src, const RowFmt *dst_fmt, Rows dst,
+                      Py_ssize_t n) noexcept nogil:
+    """Convert n rows of keys and of values (see convert_rows)."""
+    cdef int status = convert_rows(ops, streaming, src_fmt, src.k, src.k_step, dst_fmt, dst.k, dst.k_step, n)
+    if status == KVC_OK:
+        status = convert_rows(ops, streaming, src_fmt, src.v, src.v_step, dst_fmt, dst.v, dst.v_step, n)
+    return status
+
+
 cdef int convert_rows(const kvc_simd_ops *ops, bint streaming,
                       const RowFmt *src_fmt, const char *src, Py_ssize_t src_step,
                       const RowFmt *dst_fmt, char *dst, Py_ssize_t dst_step,
@@ -107,9 +154,4 @@ def unpack_rows(rows, str dtype, Py_ssize_t n_heads, Py_ssize_t head_dim):
     if dtype == "int8":
         q = rows[:, 4 * n_heads:4 * n_heads + n_heads * head_dim].view(np.int8)
         return q.reshape(n, n_heads, head_dim), rows[:, :4 * n_heads].view(np.float32)
-    if dtype == "bfloat16":
-        import ml_dtypes
-        item = np.dtype(ml_dtypes.bfloat16)
-    else:
-        item = np.dtype(np.float32 if dtype == "float32" else np.float16)
-    return rows.view(item).reshape(n, n_heads, head_dim)
+    return rows.view(numpy_dtype(dtype)).reshape(n, n_heads, head_dim)

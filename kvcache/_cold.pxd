@@ -1,11 +1,6 @@
-from libc.stdint cimport uint32_t
-
-cdef enum:
-    HEADER_BYTES = 4096   # every cold file starts with one page of header
-
 cdef struct ColdFiles:
     # One layer's pair of cold files (keys, values): row p of the layer lives
-    # at HEADER_BYTES + p * row_bytes in both.  fd < 0: no cold tier (yet).
+    # at row_offset(p, row_bytes) in both (kvcache._format).  fd < 0: no cold tier (yet).
     int fd_k
     int fd_v
     const char *map_k     # read-only shared mappings of the whole data range
@@ -13,4 +8,3 @@ cdef struct ColdFiles:
 
 cdef int write_all(int fd, const char *src, size_t n, size_t offset) noexcept nogil
 cdef ColdFiles layer_files(object store, Py_ssize_t layer)
-cdef void export_bytes(Py_buffer *view, object owner, char *ptr, Py_ssize_t nbytes, bint readonly)

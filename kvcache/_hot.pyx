@@ -1,46 +1,50 @@
-"""The hot tier: per-layer key/value arenas in RAM, and the moves to and from the cold tier.
+"""The hot tier: per-layer slots in RAM, block tables, locks, and the GIL-free copy loops.
 
-Each layer's positions are cut into blocks of ``block_tokens``.  The RAM
-arenas of a layer hold ``n_slots`` blocks; a block table says, per block,
-which slot holds it (or none) and how many of its rows the cold files hold,
-with their CRC32C.  When every position fits in RAM (``tiered`` false),
-block b lives in slot b for good and nothing ever goes cold.  Otherwise a
-store that needs a slot takes a free one or evicts the policy's victim:
-one block of writes, only when a new block starts (amortised over
-``block_tokens`` positions).
+Owns: each layer's arenas (``n_slots`` blocks of ``block_tokens`` rows), its
+block table (per block: which slot holds it, how many of its rows the cold
+files hold, their CRC32C), its length and lock; the admission checks of a
+store (``max_seq_len``, ``max_cold_bytes``); the store loops (one layer, or
+every layer on the thread pool, all or nothing); the read loop; truncation;
+the statistics counters.  When every position fits in RAM (``tiered``
+false), block b lives in slot b for good and nothing goes cold.  Otherwise
+a store that needs a slot takes a free one or evicts the policy's victim
+(kvcache._moves): one block of writes, only when a new block starts.
+Must not touch: file layouts (kvcache._format), files (kvcache._cold),
+victim choice (kvcache._policy).
 
 All state of a layer is guarded by that layer's mutex; the GIL is never held
-while a lock is taken, a byte is copied or a file is written.  Methods
-return ``kvc_status`` codes; ``kvcache._status.check_status`` turns them
-into exceptions.
+while a lock is taken, a byte is copied or a file is written.  Native
+methods return a ``kvc_status`` and fill the caller's ``kvc_error`` record
+where the failure happens; kvcache._status.raise_error turns it into an
+exception.
 """
 from libc.stdint cimport int32_t, uint64_t, UINT64_MAX
-from libc.stdlib cimport calloc, free, malloc
-from cpython.buffer cimport PyBUF_WRITABLE
+from libc.stdlib cimport calloc, free
 from cpython.pyport cimport PY_SSIZE_T_MAX
 
 from kvcache._ckvc cimport (
-    KVC_OK, KVC_E_NOMEM, KVC_E_FULL, KVC_E_CLOSED, KVC_E_RANGE, KVC_E_INVALID, KVC_E_IO,
-    KVC_E_CORRUPT,
+    KVC_OK, KVC_E_NOMEM, KVC_E_FULL, KVC_E_CLOSED, KVC_E_RANGE, KVC_E_IO,
+    KVC_LIMIT_SEQ_LEN, KVC_LIMIT_COLD_BYTES,
     KVC_STAT_TOKENS_STORED, KVC_STAT_BYTES_STORED, KVC_STAT_TOKENS_READ,
     KVC_STAT_BYTES_READ, KVC_STAT_HOT_HITS, KVC_STAT_COLD_HITS, KVC_STAT_EVICTIONS,
     KVC_STAT_EVICTION_BLOCKS, KVC_STAT_PROMOTIONS, KVC_STAT_PROMOTION_BLOCKS,
     KVC_STAT_BYTES_TO_COLD, KVC_STAT_BYTES_FROM_COLD, KVC_STAT_COLD_BYTES, KVC_STAT_ROWS_HELD,
-    kvc_copy_fn, kvc_task_fn, kvc_pool_run, kvc_alloc, kvc_free, kvc_prefault, kvc_alloc_live_bytes,
-    kvc_alloc_live_blocks, kvc_stats_new, kvc_stats_free, kvc_stats_add, kvc_stats_sub,
-    kvc_stats_reserve, kvc_stats_get, kvc_lock_init, kvc_lock_destroy, kvc_lock_acquire,
-    kvc_lock_release,
+    kvc_error, kvc_error_clear, kvc_fail, kvc_fail_full, kvc_pool_run, kvc_prefault,
+    kvc_stats_new, kvc_stats_free, kvc_stats_add, kvc_stats_sub, kvc_stats_get,
+    kvc_lock_init, kvc_lock_destroy, kvc_lock_acquire, kvc_lock_release,
 )
-from kvcache._codec cimport FMT_F32, RowFmt, convert_rows, row_format
-from kvcache._codec import FORMATS
-from kvcache._cold cimport HEADER_BYTES, ColdFiles, export_bytes, layer_files, write_all
-from kvcache._policy cimport POLICY_H2O, Block, Policy, block_score, choose_slot
+from kvcache._arena cimport ARENA_ALIGN, Arena, WritableArena
+from kvcache._codec cimport RowFmt, Rows, convert_pair, dense_rows, row_format, rows_at
+from kvcache._codec import DTYPES
+from kvcache._cold cimport ColdFiles, layer_files
+from kvcache._format cimport row_offset
+from kvcache._moves cimport drop_disk_rows, load_block, take_slot, verify, write_back_blocks
+from kvcache._policy cimport POLICY_H2O, Block, promotes, read_promotes
 from kvcache._policy import POLICIES
 from kvcache._simd cimport simd_ops
 from kvcache._status cimport check_status
 
 cdef enum:
-    ARENA_ALIGN = 64  # bytes: one cache line, and the widest vector (AVX-512)
     # store_layers calls moving fewer bytes than this copy on the calling thread:
     # waking a thread team costs more than it saves on a decode step (256 KiB at
     # 32 x 8 x 128), and stalls badly when the cores are busy with other work.
@@ -63,150 +67,25 @@ STAT_NAMES = {
 }
 
 
-def allocator_live():
-    """(bytes, blocks) held by kvcache's aligned allocator in this process."""
-    return kvc_alloc_live_bytes(), kvc_alloc_live_blocks()
-
-
 cdef inline Py_ssize_t clamp_rows(Py_ssize_t rows, Py_ssize_t block) noexcept nogil:
     return 0 if rows < 0 else (block if rows > block else rows)
 
 
-# -- moves between the tiers (the caller holds the layer lock) ----------------
-cdef int _write_back(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t rows) noexcept nogil:
-    """Write rows [disk_rows, rows) of hot block b to the cold files (converted
-    to the cold format when it differs)."""
-    cdef Block *blk = &L.blocks[b]
-    cdef Py_ssize_t d = blk.disk_rows, rb = t.row_bytes, cb = t.cold_fmt.row_bytes
-    cdef size_t nbytes = (rows - d) * cb
-    cdef size_t off = HEADER_BYTES + (b * t.block_tokens + d) * cb
-    cdef const char *src_k = L.keys + (blk.slot * t.block_tokens + d) * rb
-    cdef const char *src_v = L.values + (blk.slot * t.block_tokens + d) * rb
-    cdef char *buf = NULL
-    cdef int status = KVC_OK
-    if rows <= d:
-        return KVC_OK
-    if L.cold.fd_k < 0:
-        return KVC_E_INVALID
-    if t.hot_fmt.kind != t.cold_fmt.kind:
-        buf = <char *>malloc(2 * nbytes)
-        if buf == NULL:
-            return KVC_E_NOMEM
-        status = convert_rows(t.ops, False, &t.hot_fmt, src_k, rb, &t.cold_fmt, buf, cb, rows - d)
-        if status == KVC_OK:
-            status = convert_rows(t.ops, False, &t.hot_fmt, src_v, rb, &t.cold_fmt, buf + nbytes, cb, rows - d)
-        src_k, src_v = buf, buf + nbytes
-    if status == KVC_OK and not kvc_stats_reserve(t.stats, KVC_STAT_COLD_BYTES, 2 * nbytes, t.cold_limit):
-        status = KVC_E_FULL
-    if status == KVC_OK:
-        L.err = write_all(L.cold.fd_k, src_k, nbytes, off)
-        if L.err == 0:
-            L.err = write_all(L.cold.fd_v, src_v, nbytes, off)
-        if L.err != 0:
-            kvc_stats_sub(t.stats, KVC_STAT_COLD_BYTES, 2 * nbytes)
-            status = KVC_E_IO
-    if status == KVC_OK:
-        blk.crc_k = t.ops.crc32c(blk.crc_k, src_k, nbytes)
-        blk.crc_v = t.ops.crc32c(blk.crc_v, src_v, nbytes)
-        blk.disk_rows = rows
-        blk.verified = 0
-        kvc_stats_add(t.stats, KVC_STAT_BYTES_TO_COLD, 2 * nbytes)
-    free(buf)
-    return status
+cdef inline Rows slot_rows(Tier *t, HotLayer *L, Py_ssize_t slot, Py_ssize_t row) noexcept nogil:
+    """Row ``row`` of hot slot ``slot``, keys and values."""
+    cdef Py_ssize_t at = (slot * t.block_tokens + row) * t.row_bytes
+    return dense_rows(L.keys + at, L.values + at, t.row_bytes)
 
-cdef int _verify(Tier *t, HotLayer *L, Py_ssize_t b) noexcept nogil:
-    """Check block b's disk rows against their checksums (once per write)."""
-    cdef Block *blk = &L.blocks[b]
-    cdef size_t nbytes = blk.disk_rows * t.cold_fmt.row_bytes
-    cdef size_t off = HEADER_BYTES + b * t.block_tokens * t.cold_fmt.row_bytes
-    if blk.verified or blk.disk_rows == 0:
-        return KVC_OK
-    if (t.ops.crc32c(0, L.cold.map_k + off, nbytes) != blk.crc_k
-            or t.ops.crc32c(0, L.cold.map_v + off, nbytes) != blk.crc_v):
-        L.bad_block = b
-        return KVC_E_CORRUPT
-    blk.verified = 1
-    return KVC_OK
 
-cdef int _evict(Tier *t, HotLayer *L, Py_ssize_t s, Py_ssize_t cursor) noexcept nogil:
-    cdef Py_ssize_t b = L.owner[s]
-    cdef Py_ssize_t rows = clamp_rows(cursor - b * t.block_tokens, t.block_tokens)
-    cdef int status = _write_back(t, L, b, rows)
-    if status != KVC_OK:
-        return status
-    L.blocks[b].slot = -1
-    L.owner[s] = -1
-    kvc_stats_add(t.stats, KVC_STAT_EVICTIONS, rows)
-    kvc_stats_add(t.stats, KVC_STAT_EVICTION_BLOCKS, 1)
-    return KVC_OK
-
-cdef int _take_slot(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t cursor) noexcept nogil:
-    """Give block b a slot, evicting the policy's victim if none is free."""
-    cdef Py_ssize_t s = choose_slot(&t.policy, L.blocks, L.owner, t.n_slots, cursor, b)
-    cdef int status
-    if s < 0:
-        return KVC_E_FULL
-    if L.owner[s] >= 0:
-        status = _evict(t, L, s, cursor)
-        if status != KVC_OK:
-            return status
-    L.owner[s] = b
-    L.blocks[b].slot = s
-    return KVC_OK
-
-cdef int _load(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t cursor) noexcept nogil:
-    """Bring cold block b back to RAM (verified first)."""
-    cdef Block *blk = &L.blocks[b]
-    cdef Py_ssize_t rows = blk.disk_rows, rb = t.row_bytes, cb = t.cold_fmt.row_bytes
-    cdef size_t off = HEADER_BYTES + b * t.block_tokens * cb
-    cdef int status = _verify(t, L, b)
-    if status == KVC_OK:
-        status = _take_slot(t, L, b, cursor)
-    if status == KVC_OK:
-        status = convert_rows(t.ops, True, &t.cold_fmt, L.cold.map_k + off, cb,
-                              &t.hot_fmt, L.keys + blk.slot * t.block_tokens * rb, rb, rows)
-    if status == KVC_OK:
-        status = convert_rows(t.ops, True, &t.cold_fmt, L.cold.map_v + off, cb,
-                              &t.hot_fmt, L.values + blk.slot * t.block_tokens * rb, rb, rows)
-    if status != KVC_OK:
-        return status
-    kvc_stats_add(t.stats, KVC_STAT_PROMOTIONS, rows)
-    kvc_stats_add(t.stats, KVC_STAT_PROMOTION_BLOCKS, 1)
-    kvc_stats_add(t.stats, KVC_STAT_BYTES_FROM_COLD, 2 * rows * cb)
-    return KVC_OK
-
-cdef void _drop_disk_rows(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t keep) noexcept nogil:
-    """Forget block b's disk rows from ``keep`` on, re-checksumming the rest."""
-    cdef Block *blk = &L.blocks[b]
-    cdef Py_ssize_t rb = t.row_bytes, cb = t.cold_fmt.row_bytes
-    cdef size_t off = HEADER_BYTES + b * t.block_tokens * cb
-    cdef bint bad = False
-    if blk.disk_rows <= keep:
-        return
-    kvc_stats_sub(t.stats, KVC_STAT_COLD_BYTES, 2 * (blk.disk_rows - keep) * cb)
-    if keep == 0:
-        blk.crc_k = blk.crc_v = 0
-    elif blk.slot >= 0 and t.hot_fmt.kind == t.cold_fmt.kind:
-        # the RAM copy holds the same bytes, and is the reference for them
-        blk.crc_k = t.ops.crc32c(0, L.keys + blk.slot * t.block_tokens * rb, keep * rb)
-        blk.crc_v = t.ops.crc32c(0, L.values + blk.slot * t.block_tokens * rb, keep * rb)
-    else:
-        bad = _verify(t, L, b) != KVC_OK
-        blk.crc_k = t.ops.crc32c(0, L.cold.map_k + off, keep * cb)
-        blk.crc_v = t.ops.crc32c(0, L.cold.map_v + off, keep * cb)
-        if bad:  # corrupt rows stay detectably corrupt
-            blk.crc_k = ~blk.crc_k
-    blk.disk_rows = keep
-    blk.verified = 0
-
-cdef void _cut(Tier *t, HotLayer *L, Py_ssize_t n, Py_ssize_t extent) noexcept nogil:
+# -- bookkeeping (the caller holds the layer lock) ---------------------------------
+cdef void cut(Tier *t, HotLayer *L, Py_ssize_t n, Py_ssize_t extent) noexcept nogil:
     """Forget positions [n, extent) of a layer in both tiers."""
     cdef Py_ssize_t b, keep, p, B = t.block_tokens
     cdef Block *blk
     for b in range(n // B, (extent + B - 1) // B):
         blk = &L.blocks[b]
         keep = clamp_rows(n - b * B, B)
-        _drop_disk_rows(t, L, b, keep)
+        drop_disk_rows(t, L, b, keep)
         if keep == 0:
             if t.tiered and blk.slot >= 0:
                 L.owner[blk.slot] = -1
@@ -224,14 +103,15 @@ cdef void _cut(Tier *t, HotLayer *L, Py_ssize_t n, Py_ssize_t extent) noexcept n
         kvc_stats_sub(t.stats, KVC_STAT_ROWS_HELD, L.length - n)
     L.length = n
 
-cdef int _check_room(Tier *t, HotLayer *L, Py_ssize_t n, uint64_t *need) noexcept nogil:
+
+cdef int check_room(Tier *t, HotLayer *L, Py_ssize_t n, uint64_t *need, kvc_error *e) noexcept nogil:
     """KVC_E_FULL if n more positions would pass max_seq_len; else adds to
     ``need`` the cold bytes they may take (only counted under max_cold_bytes)."""
     cdef Py_ssize_t b, B = t.block_tokens, missing = 0, free_slots = 0
     if L.keys == NULL:
-        return KVC_E_CLOSED
+        return kvc_fail(e, KVC_E_CLOSED, L.index, -1)
     if n > t.max_len - L.length:
-        return KVC_E_FULL
+        return kvc_fail_full(e, KVC_LIMIT_SEQ_LEN, L.index, L.length, n, t.max_len)
     if t.cold_limit == UINT64_MAX:
         return KVC_OK
     if t.persist:  # every position goes to disk at the next flush
@@ -246,31 +126,7 @@ cdef int _check_room(Tier *t, HotLayer *L, Py_ssize_t n, uint64_t *need) noexcep
     return KVC_OK
 
 
-cdef int _write_back_blocks(Tier *t, HotLayer *L, Py_ssize_t start, Py_ssize_t stop,
-                            bint check) noexcept nogil:
-    """Write the hot blocks holding positions [start, stop) to the cold files
-    (with ``check``, verify the cold ones); the layer's lock is held."""
-    cdef Py_ssize_t b, B = t.block_tokens
-    cdef int status = KVC_OK
-    for b in range(start // B, (stop + B - 1) // B):
-        if L.blocks[b].slot >= 0:
-            status = _write_back(t, L, b, clamp_rows(L.length - b * B, B))
-        elif check:
-            status = _verify(t, L, b)
-        if status != KVC_OK:
-            break
-    return status
-
-
-cdef void _close_layer(HotLayer *L) noexcept nogil:
-    """Mark a layer closed: every call on it now returns KVC_E_CLOSED (lock held)."""
-    L.keys = L.values = NULL
-    L.length = 0
-    L.cold.fd_k = L.cold.fd_v = -1
-    L.cold.map_k = L.cold.map_v = NULL
-
-
-cdef int _cold_fits(Tier *t, uint64_t need) noexcept nogil:
+cdef int cold_fits(Tier *t, uint64_t need, Py_ssize_t layer, kvc_error *e) noexcept nogil:
     """KVC_E_FULL if ``need`` more cold bytes would pass max_cold_bytes."""
     cdef uint64_t held
     if need == 0:
@@ -279,14 +135,25 @@ cdef int _cold_fits(Tier *t, uint64_t need) noexcept nogil:
         held = 2 * kvc_stats_get(t.stats, KVC_STAT_ROWS_HELD) * t.cold_fmt.row_bytes
     else:
         held = kvc_stats_get(t.stats, KVC_STAT_COLD_BYTES)
-    return KVC_E_FULL if need > t.cold_limit - min(t.cold_limit, held) else KVC_OK
+    if need > t.cold_limit - min(t.cold_limit, held):
+        return kvc_fail_full(e, KVC_LIMIT_COLD_BYTES, layer, held, need, t.cold_limit)
+    return KVC_OK
 
-# -- stores --------------------------------------------------------------
-cdef int append_locked(Tier *t, HotLayer *L, const RowFmt *fmt, Py_ssize_t n,
-                       const char *k, Py_ssize_t k_step, const char *v, Py_ssize_t v_step) noexcept nogil:
+
+cdef void close_layer(HotLayer *L) noexcept nogil:
+    """Mark a layer closed: every call on it now returns KVC_E_CLOSED (lock held)."""
+    L.keys = L.values = NULL
+    L.length = 0
+    L.cold.fd_k = L.cold.fd_v = -1
+    L.cold.map_k = L.cold.map_v = NULL
+
+
+# -- stores ------------------------------------------------------------------------
+cdef int append_locked(Tier *t, HotLayer *L, const RowFmt *fmt, Py_ssize_t n, Rows src,
+                       kvc_error *e) noexcept nogil:
     """Append n rows to a layer whose lock the caller holds and whose room
-    _check_room confirmed: all or nothing."""
-    cdef Py_ssize_t B = t.block_tokens, rb = t.row_bytes
+    check_room confirmed: all or nothing."""
+    cdef Py_ssize_t B = t.block_tokens
     cdef Py_ssize_t old = L.length, cursor = L.length, i = 0, b, off, cnt
     cdef Block *blk
     cdef int status = KVC_OK
@@ -297,29 +164,26 @@ cdef int append_locked(Tier *t, HotLayer *L, const RowFmt *fmt, Py_ssize_t n,
         blk = &L.blocks[b]
         if blk.slot < 0:
             # A cold block with rows is the tail after a truncate or a reopen.
-            status = _load(t, L, b, cursor) if blk.disk_rows > 0 else _take_slot(t, L, b, cursor)
+            status = load_block(t, L, b, cursor, e) if blk.disk_rows > 0 else take_slot(t, L, b, cursor, e)
             if status != KVC_OK:
-                _cut(t, L, old, cursor)
+                cut(t, L, old, cursor)
                 return status
         cnt = min(B - off, n - i)
-        status = convert_rows(t.ops, True, fmt, k + i * k_step, k_step,
-                              &t.hot_fmt, L.keys + (blk.slot * B + off) * rb, rb, cnt)
-        if status == KVC_OK:
-            status = convert_rows(t.ops, True, fmt, v + i * v_step, v_step,
-                                  &t.hot_fmt, L.values + (blk.slot * B + off) * rb, rb, cnt)
+        status = convert_pair(t.ops, True, fmt, rows_at(src, i), &t.hot_fmt, slot_rows(t, L, blk.slot, off), cnt)
         if status != KVC_OK:
-            _cut(t, L, old, cursor)
-            return status
+            cut(t, L, old, cursor)
+            return kvc_fail(e, status, L.index, b)
         blk.last_use = L.tick
         i += cnt
         cursor += cnt
     L.length = cursor
     kvc_stats_add(t.stats, KVC_STAT_ROWS_HELD, n)
     kvc_stats_add(t.stats, KVC_STAT_TOKENS_STORED, n)
-    kvc_stats_add(t.stats, KVC_STAT_BYTES_STORED, 2 * n * rb)
+    kvc_stats_add(t.stats, KVC_STAT_BYTES_STORED, 2 * n * t.row_bytes)
     return KVC_OK
 
-cdef bint _moves_blocks(Tier *t, Py_ssize_t n) noexcept nogil:
+
+cdef bint moves_blocks(Tier *t, Py_ssize_t n) noexcept nogil:
     """Whether appending n rows to every layer may evict or promote (block-sized I/O
     per layer: worth the thread pool even for a one-token step)."""
     cdef Py_ssize_t l, b, B = t.block_tokens
@@ -339,57 +203,18 @@ cdef struct AppendJob:
     Tier *tier
     const RowFmt *fmt
     Py_ssize_t n
-    const char *k
-    const char *v
-    Py_ssize_t k_layer_step, k_step, v_layer_step, v_step
-    int *status         # [n_layers]
+    Rows src                           # layer 0's rows
+    Py_ssize_t k_layer_step, v_layer_step
+    int *status                        # [n_layers]
+    kvc_error *errors                  # [n_layers]: each task's own record
 
 
 cdef void append_task(void *ctx, size_t l) noexcept nogil:
     cdef AppendJob *j = <AppendJob *>ctx
-    j.status[l] = append_locked(j.tier, &j.tier.layers[l], j.fmt, j.n,
-                                j.k + <Py_ssize_t>l * j.k_layer_step, j.k_step,
-                                j.v + <Py_ssize_t>l * j.v_layer_step, j.v_step)
-
-
-cdef class Arena:
-    """One RAM arena (a layer's keys or values), freed with its last reference:
-    the tier's, or that of a view handed out by ``get(copy=False)``.  So a view
-    can never dangle, even after the cache is closed."""
-    cdef char *ptr
-    cdef readonly Py_ssize_t nbytes
-
-    def __cinit__(self, Py_ssize_t nbytes):
-        self.ptr = <char *>kvc_alloc(nbytes, ARENA_ALIGN)
-        if self.ptr == NULL:
-            raise MemoryError(f"cannot allocate an arena of {nbytes} bytes")
-        self.nbytes = nbytes
-
-    def __dealloc__(self):
-        kvc_free(self.ptr)
-
-    def __getbuffer__(self, Py_buffer *view, int flags):
-        if flags & PyBUF_WRITABLE:
-            raise BufferError("the cache's arenas are read-only to callers")
-        export_bytes(view, self, self.ptr, self.nbytes, True)
-
-    def __releasebuffer__(self, Py_buffer *view):
-        pass
-
-
-cdef class WritableArena:
-    """A writable export of an Arena, for integrations whose tensor libraries
-    insist on writable memory (torch): they must not write through it."""
-    cdef Arena arena
-
-    def __cinit__(self, Arena arena):
-        self.arena = arena
-
-    def __getbuffer__(self, Py_buffer *view, int flags):
-        export_bytes(view, self, self.arena.ptr, self.arena.nbytes, False)
-
-    def __releasebuffer__(self, Py_buffer *view):
-        pass
+    cdef Rows src = j.src
+    src.k += <Py_ssize_t>l * j.k_layer_step
+    src.v += <Py_ssize_t>l * j.v_layer_step
+    j.status[l] = append_locked(j.tier, &j.tier.layers[l], j.fmt, j.n, src, &j.errors[l])
 
 
 cdef inline bint _meets(const char *lo, const char *hi, const char *base, size_t n) noexcept nogil:
@@ -417,9 +242,10 @@ cdef class HotTier:
             raise MemoryError(f"a hot tier of {config.n_layers} x {capacity} x "
                               f"{config.n_kv_heads * config.head_dim} floats is larger than this "
                               f"machine can address")
+        policy = POLICIES[config.eviction_policy]
         self.t.n_layers = config.n_layers
-        self.t.hot_fmt = row_format(FORMATS[config.dtype], config.n_kv_heads, config.head_dim)
-        self.t.cold_fmt = row_format(FORMATS[config.cold_format], config.n_kv_heads, config.head_dim)
+        self.t.hot_fmt = row_format(DTYPES[config.dtype].code, config.n_kv_heads, config.head_dim)
+        self.t.cold_fmt = row_format(DTYPES[config.cold_format].code, config.n_kv_heads, config.head_dim)
         self.t.row_bytes = self.t.hot_fmt.row_bytes
         self.t.block_tokens = config.block_tokens
         self.t.n_blocks = config.n_blocks
@@ -428,9 +254,9 @@ cdef class HotTier:
         self.t.max_len = config.max_seq_len
         self.t.tiered = config.tiered
         self.t.persist = config.persist
-        self.t.promote = config.promote_on_read and config.eviction_policy != "h2o"
         self.t.cold_limit = UINT64_MAX if config.max_cold_bytes is None else config.max_cold_bytes
-        self.t.policy.kind = POLICIES[config.eviction_policy]
+        self.t.policy.kind = policy.code
+        self.t.policy.promote = config.promote_on_read and policy.promotes and config.tiered
         self.t.policy.block_tokens = self.t.block_tokens
         self.t.policy.sink_blocks = config.sink_blocks
         self.t.policy.recent = config.recent_window
@@ -444,8 +270,8 @@ cdef class HotTier:
             raise MemoryError("cannot allocate the hot tier's bookkeeping")
         for l in range(self.t.n_layers):
             L = &self.t.layers[l]
+            L.index = l
             L.cold.fd_k = L.cold.fd_v = -1
-            L.bad_block = -1
             if kvc_lock_init(&L.lock) != 0:
                 raise MemoryError("cannot create a layer lock")
             self.n_locks += 1
@@ -491,7 +317,7 @@ cdef class HotTier:
         could overwrite before it has read it all."""
         cdef Py_ssize_t l
         cdef size_t arena = self.t.capacity * self.t.row_bytes
-        cdef size_t mapped = HEADER_BYTES + self.t.n_blocks * self.t.block_tokens * self.t.cold_fmt.row_bytes
+        cdef size_t mapped = row_offset(self.t.n_blocks * self.t.block_tokens, self.t.cold_fmt.row_bytes)
         cdef HotLayer *L
         for l in range(self.t.n_layers):
             L = &self.t.layers[l]
@@ -534,32 +360,9 @@ cdef class HotTier:
             for l in range(self.t.n_layers):
                 L = &self.t.layers[l]
                 kvc_lock_acquire(&L.lock)
-                _close_layer(L)
+                close_layer(L)
                 kvc_lock_release(&L.lock)
         self.arenas = None  # freed now, or when the last view of them goes
-
-    def seal(self, Py_ssize_t layer):
-        """Close one layer of a persisted cache: under its lock, write every
-        position to the cold files, take its block table, then close it, so
-        that no store can land between the last write and the close.
-
-        Returns (status of the write-back, (length, block table)); the table
-        records what is on disk even when the write-back failed.
-        """
-        cdef HotLayer *L = &self.t.layers[layer]
-        cdef int status = KVC_E_CLOSED
-        table = None
-        with nogil:
-            kvc_lock_acquire(&L.lock)
-        try:
-            if L.keys != NULL:
-                with nogil:
-                    status = _write_back_blocks(&self.t, L, 0, L.length, False)
-                table = self._table(L)
-                _close_layer(L)
-        finally:
-            kvc_lock_release(&L.lock)
-        return status, table
 
     @property
     def n_layers(self):
@@ -581,116 +384,114 @@ cdef class HotTier:
     def stat(self, str name):
         return kvc_stats_get(self.t.stats, STAT_NAMES[name])
 
-    def error_detail(self, Py_ssize_t layer):
-        """(errno, bad block or -1) of the last failure on a layer; clears them."""
-        cdef HotLayer *L = &self.t.layers[layer]
-        with nogil:
-            kvc_lock_acquire(&L.lock)
-        detail = (L.err, L.bad_block)
-        L.err = 0
-        L.bad_block = -1
-        kvc_lock_release(&L.lock)
-        return detail
-
     # -- stores --------------------------------------------------------------
-    cdef int append(self, Py_ssize_t layer, int kind, Py_ssize_t n,
-                    const char *k, Py_ssize_t k_step, const char *v, Py_ssize_t v_step) noexcept nogil:
+    cdef int append(self, Py_ssize_t layer, int kind, Py_ssize_t n, Rows src, kvc_error *e) noexcept nogil:
         """Append n rows of format ``kind`` (FMT_*) to one layer."""
         cdef HotLayer *L = &self.t.layers[layer]
         cdef int status
         cdef uint64_t need = 0
         cdef RowFmt fmt = row_format(kind, self.t.hot_fmt.n_heads, self.t.hot_fmt.head_dim)
         kvc_lock_acquire(&L.lock)
-        status = _check_room(&self.t, L, n, &need)
+        status = check_room(&self.t, L, n, &need, e)
         if status == KVC_OK:
-            status = _cold_fits(&self.t, need)
+            status = cold_fits(&self.t, need, layer, e)
         if status == KVC_OK:
-            status = append_locked(&self.t, L, &fmt, n, k, k_step, v, v_step)
+            status = append_locked(&self.t, L, &fmt, n, src, e)
         kvc_lock_release(&L.lock)
         return status
 
-    cdef int append_all(self, int kind, Py_ssize_t n,
-                        const char *k, Py_ssize_t k_layer_step, Py_ssize_t k_step,
-                        const char *v, Py_ssize_t v_layer_step, Py_ssize_t v_step) noexcept nogil:
-        """Append n rows of format ``kind`` to every layer: all layers or none
-        (every lock held)."""
+    cdef int append_all(self, int kind, Py_ssize_t n, Rows src, Py_ssize_t k_layer_step,
+                        Py_ssize_t v_layer_step, kvc_error *e) noexcept nogil:
+        """Append n rows of format ``kind`` to every layer (layer l's rows
+        ``l * k_layer_step`` / ``l * v_layer_step`` bytes after ``src``): all
+        layers or none (every lock held)."""
         cdef Py_ssize_t l
         cdef int status = KVC_OK
         cdef int threads = self.threads
         cdef uint64_t need = 0
         cdef AppendJob job
+        cdef kvc_error one
         cdef RowFmt fmt = row_format(kind, self.t.hot_fmt.n_heads, self.t.hot_fmt.head_dim)
         cdef Py_ssize_t *old = <Py_ssize_t *>calloc(self.t.n_layers, sizeof(Py_ssize_t))
         job.status = <int *>calloc(self.t.n_layers, sizeof(int))
-        if old == NULL or job.status == NULL:
+        job.errors = <kvc_error *>calloc(self.t.n_layers, sizeof(kvc_error))
+        if old == NULL or job.status == NULL or job.errors == NULL:
             free(old)
             free(job.status)
-            return KVC_E_NOMEM
+            free(job.errors)
+            return kvc_fail(e, KVC_E_NOMEM, -1, -1)
         for l in range(self.t.n_layers):  # ascending order: no deadlock with other lockers
             kvc_lock_acquire(&self.t.layers[l].lock)
-        for l in range(self.t.n_layers):
+            kvc_error_clear(&job.errors[l])
+        for l in range(self.t.n_layers):  # a full cache names its fullest layer
             old[l] = self.t.layers[l].length
-            status = _check_room(&self.t, &self.t.layers[l], n, &need)
-            if status != KVC_OK:
-                break
+            kvc_error_clear(&one)
+            if check_room(&self.t, &self.t.layers[l], n, &need, &one) != KVC_OK and (
+                    status == KVC_OK or (one.code == KVC_E_FULL and e.code == KVC_E_FULL and one.held > e.held)):
+                status = one.code
+                e[0] = one
         if status == KVC_OK:
-            status = _cold_fits(&self.t, need)
+            status = cold_fits(&self.t, need, -1, e)
         if status == KVC_OK:
             job.tier = &self.t
             job.fmt = &fmt
             job.n = n
-            job.k, job.k_layer_step, job.k_step = k, k_layer_step, k_step
-            job.v, job.v_layer_step, job.v_step = v, v_layer_step, v_step
-            if 2 * n * self.t.n_layers * self.t.row_bytes < PARALLEL_MIN_BYTES and not _moves_blocks(&self.t, n):
+            job.src = src
+            job.k_layer_step, job.v_layer_step = k_layer_step, v_layer_step
+            if 2 * n * self.t.n_layers * self.t.row_bytes < PARALLEL_MIN_BYTES and not moves_blocks(&self.t, n):
                 threads = 1
             self.last_threads = kvc_pool_run(threads, self.t.n_layers, append_task, &job)
             for l in range(self.t.n_layers):
                 if job.status[l] != KVC_OK:
                     status = job.status[l]
+                    e[0] = job.errors[l]  # the first failing layer's own record
                     break
             if status != KVC_OK:  # undo the layers that succeeded
                 for l in range(self.t.n_layers):
                     if self.t.layers[l].length != old[l]:
                         kvc_stats_sub(self.t.stats, KVC_STAT_TOKENS_STORED, n)
                         kvc_stats_sub(self.t.stats, KVC_STAT_BYTES_STORED, 2 * n * self.t.row_bytes)
-                        _cut(&self.t, &self.t.layers[l], old[l], self.t.layers[l].length)
+                        cut(&self.t, &self.t.layers[l], old[l], self.t.layers[l].length)
         for l in range(self.t.n_layers):
             kvc_lock_release(&self.t.layers[l].lock)
         free(old)
         free(job.status)
+        free(job.errors)
         return status
 
     # -- reads ---------------------------------------------------------------
-    cdef int read(self, Py_ssize_t layer, int kind, Py_ssize_t start, Py_ssize_t stop,
-                  char *k, Py_ssize_t k_step, char *v, Py_ssize_t v_step) noexcept nogil:
+    cdef int read(self, Py_ssize_t layer, int kind, Py_ssize_t start, Py_ssize_t stop, Rows dst,
+                  kvc_error *e) noexcept nogil:
         """Copy rows [start, stop) of a layer out, as format ``kind`` (FMT_F32, or
-        the stored format when both tiers share it)."""
+        the stored format when both tiers share it).
+
+        A row counts as a cold hit when its block was cold as the read found
+        it, also when the read promotes the block to serve it."""
         cdef HotLayer *L = &self.t.layers[layer]
-        cdef Py_ssize_t B = self.t.block_tokens, rb = self.t.row_bytes, cb = self.t.cold_fmt.row_bytes
-        cdef Py_ssize_t pos = start, b, off, cnt, cold_blocks = 0, s, hot = 0
-        cdef size_t src_off
+        cdef Py_ssize_t B = self.t.block_tokens, cb = self.t.cold_fmt.row_bytes
+        cdef Py_ssize_t pos = start, b, off, cnt, cold_blocks = 0, hot = 0, cold = 0
+        cdef size_t at
         cdef Block *blk
         cdef int status = KVC_OK
-        cdef bint promote = self.t.promote and self.t.tiered
+        cdef bint promote = self.t.policy.promote, was_cold
+        cdef kvc_error attempt
         cdef RowFmt out = row_format(kind, self.t.hot_fmt.n_heads, self.t.hot_fmt.head_dim)
         kvc_lock_acquire(&L.lock)
         if L.keys == NULL:
-            status = KVC_E_CLOSED
+            status = kvc_fail(e, KVC_E_CLOSED, layer, -1)
         elif stop > L.length:
-            status = KVC_E_RANGE
+            status = kvc_fail(e, KVC_E_RANGE, layer, -1)
+            e.held, e.asked = L.length, stop
         elif not self.t.tiered:  # one arena, block b in slot b: a single pass
-            status = convert_rows(self.t.ops, False, &self.t.hot_fmt, L.keys + start * rb, rb,
-                                  &out, k, k_step, stop - start)
-            if status == KVC_OK:
-                status = convert_rows(self.t.ops, False, &self.t.hot_fmt, L.values + start * rb, rb,
-                                      &out, v, v_step, stop - start)
+            status = convert_pair(self.t.ops, False, &self.t.hot_fmt, slot_rows(&self.t, L, 0, start), &out,
+                                  dst, stop - start)
             hot = stop - start
         else:
             L.tick += 1
-            if promote:  # a scan over many cold blocks must not flush the hot tier
+            if promote:
                 for b in range(start // B, (stop + B - 1) // B):
                     cold_blocks += L.blocks[b].slot < 0
-                promote = cold_blocks <= self.t.n_slots // 2
+                promote = read_promotes(&self.t.policy, cold_blocks, self.t.n_slots)
             while pos < stop and status == KVC_OK:
                 b = pos // B
                 off = pos - b * B
@@ -698,45 +499,45 @@ cdef class HotTier:
                 blk = &L.blocks[b]
                 blk.last_use = L.tick
                 blk.hits += 1
-                if blk.slot < 0 and promote:
-                    s = choose_slot(&self.t.policy, L.blocks, L.owner, self.t.n_slots, L.length, b)
-                    if s >= 0 and (L.owner[s] < 0 or block_score(&self.t.policy, &L.blocks[L.owner[s]])
-                                   < block_score(&self.t.policy, blk)):
-                        status = _load(&self.t, L, b, L.length)
-                        if status == KVC_E_IO or status == KVC_E_FULL:
-                            status = KVC_OK  # could not make room: serve it from the cold tier
-                if status != KVC_OK:
-                    break
+                was_cold = blk.slot < 0
+                if was_cold and promote and promotes(&self.t.policy, L.blocks, L.owner, self.t.n_slots,
+                                                     L.length, b):
+                    kvc_error_clear(&attempt)
+                    status = load_block(&self.t, L, b, L.length, &attempt)
+                    if status == KVC_E_IO or status == KVC_E_FULL:
+                        status = KVC_OK  # could not make room: serve it from the cold tier
+                    elif status != KVC_OK:
+                        e[0] = attempt
+                        break
                 if blk.slot >= 0:
-                    status = convert_rows(self.t.ops, False, &self.t.hot_fmt, L.keys + (blk.slot * B + off) * rb,
-                                          rb, &out, k + (pos - start) * k_step, k_step, cnt)
-                    if status == KVC_OK:
-                        status = convert_rows(self.t.ops, False, &self.t.hot_fmt,
-                                              L.values + (blk.slot * B + off) * rb, rb,
-                                              &out, v + (pos - start) * v_step, v_step, cnt)
-                    hot += cnt
+                    status = convert_pair(self.t.ops, False, &self.t.hot_fmt, slot_rows(&self.t, L, blk.slot, off),
+                                          &out, rows_at(dst, pos - start), cnt)
                 else:
-                    status = _verify(&self.t, L, b)
+                    status = verify(&self.t, L, b, e)
                     if status != KVC_OK:
                         break
-                    src_off = HEADER_BYTES + pos * cb
-                    status = convert_rows(self.t.ops, False, &self.t.cold_fmt, L.cold.map_k + src_off, cb,
-                                          &out, k + (pos - start) * k_step, k_step, cnt)
-                    if status == KVC_OK:
-                        status = convert_rows(self.t.ops, False, &self.t.cold_fmt, L.cold.map_v + src_off, cb,
-                                              &out, v + (pos - start) * v_step, v_step, cnt)
-                    kvc_stats_add(self.t.stats, KVC_STAT_COLD_HITS, cnt)
+                    at = row_offset(pos, cb)
+                    status = convert_pair(self.t.ops, False, &self.t.cold_fmt,
+                                          dense_rows(<char *>L.cold.map_k + at, <char *>L.cold.map_v + at, cb),
+                                          &out, rows_at(dst, pos - start), cnt)
                     kvc_stats_add(self.t.stats, KVC_STAT_BYTES_FROM_COLD, 2 * cnt * cb)
+                if was_cold:
+                    cold += cnt
+                else:
+                    hot += cnt
                 pos += cnt
+            if status != KVC_OK:
+                kvc_fail(e, status, layer, b)
         kvc_lock_release(&L.lock)
         if status == KVC_OK:
             kvc_stats_add(self.t.stats, KVC_STAT_TOKENS_READ, stop - start)
             kvc_stats_add(self.t.stats, KVC_STAT_BYTES_READ, 2 * (stop - start) * out.row_bytes)
             kvc_stats_add(self.t.stats, KVC_STAT_HOT_HITS, hot)
+            kvc_stats_add(self.t.stats, KVC_STAT_COLD_HITS, cold)
         return status
 
     cdef int write_back_range(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop,
-                              bint check) noexcept nogil:
+                              bint check, kvc_error *e) noexcept nogil:
         """Make the cold files hold positions [start, stop), for views and flush.
 
         With ``check``, blocks already cold are verified too (views hand out
@@ -746,11 +547,12 @@ cdef class HotTier:
         cdef int status
         kvc_lock_acquire(&L.lock)
         if L.keys == NULL:
-            status = KVC_E_CLOSED
+            status = kvc_fail(e, KVC_E_CLOSED, layer, -1)
         elif stop > L.length:
-            status = KVC_E_RANGE
+            status = kvc_fail(e, KVC_E_RANGE, layer, -1)
+            e.held, e.asked = L.length, stop
         else:
-            status = _write_back_blocks(&self.t, L, start, stop, check)
+            status = write_back_blocks(&self.t, L, start, stop, check, e)
         kvc_lock_release(&L.lock)
         return status
 
@@ -765,6 +567,8 @@ cdef class HotTier:
             kvc_lock_acquire(&L.lock)
             status = KVC_E_CLOSED if L.keys == NULL else (KVC_E_RANGE if stop > L.length else KVC_OK)
             kvc_lock_release(&L.lock)
+        if status == KVC_E_RANGE:
+            check_status(status, f"get: positions {start}:{stop} of layer {layer} were truncated meanwhile")
         check_status(status)
         arenas = self.arenas
         if arenas is None:  # closed since the check
@@ -813,7 +617,7 @@ cdef class HotTier:
         kvc_stats_add(self.t.stats, KVC_STAT_COLD_HITS, stop - start - hot)
         kvc_stats_add(self.t.stats, KVC_STAT_BYTES_FROM_COLD, 2 * (stop - start - hot) * rb)
 
-    cdef int add_scores(self, Py_ssize_t layer, const float *acc, Py_ssize_t n) noexcept nogil:
+    cdef int add_scores(self, Py_ssize_t layer, const float *acc, Py_ssize_t n, kvc_error *e) noexcept nogil:
         """h2o: add attention mass ``acc[p]`` to positions 0..n-1 of a layer."""
         cdef HotLayer *L = &self.t.layers[layer]
         cdef Py_ssize_t p, b, B = self.t.block_tokens
@@ -821,9 +625,10 @@ cdef class HotTier:
         cdef int status = KVC_OK
         kvc_lock_acquire(&L.lock)
         if L.keys == NULL:
-            status = KVC_E_CLOSED
+            status = kvc_fail(e, KVC_E_CLOSED, layer, -1)
         elif n > L.length:
-            status = KVC_E_RANGE
+            status = kvc_fail(e, KVC_E_RANGE, layer, -1)
+            e.held, e.asked = L.length, n
         elif L.scores != NULL:
             self.t.ops.add_rows(L.scores, acc, 1, n, n)
             for b in range((n + B - 1) // B):
@@ -834,17 +639,17 @@ cdef class HotTier:
         kvc_lock_release(&L.lock)
         return status
 
-    cdef int truncate(self, Py_ssize_t n) noexcept nogil:
+    cdef int truncate(self, Py_ssize_t n, kvc_error *e) noexcept nogil:
         """Cut every layer to ``n`` positions, all or none (every lock held)."""
         cdef Py_ssize_t l
         cdef int status = KVC_OK
         for l in range(self.t.n_layers):  # ascending order, like append_all
             kvc_lock_acquire(&self.t.layers[l].lock)
             if self.t.layers[l].keys == NULL:
-                status = KVC_E_CLOSED  # a layer already closed: cut none
+                status = kvc_fail(e, KVC_E_CLOSED, l, -1)  # a layer already closed: cut none
         for l in range(self.t.n_layers):
             if status == KVC_OK and self.t.layers[l].length > n:
-                _cut(&self.t, &self.t.layers[l], n, self.t.layers[l].length)
+                cut(&self.t, &self.t.layers[l], n, self.t.layers[l].length)
             kvc_lock_release(&self.t.layers[l].lock)
         return status
 
@@ -857,6 +662,31 @@ cdef class HotTier:
         return n
 
     # -- persistence and inspection (with the GIL; rare) ---------------------
+    cdef tuple seal(self, Py_ssize_t layer, kvc_error *e):
+        """Close one layer of a persisted cache: under its lock, write every
+        position to the cold files, take its block table, then close it, so
+        that no store can land between the last write and the close.
+
+        Returns its (length, block table), which records what is on disk even
+        when the write-back failed (then ``e`` says how); None if the layer
+        was closed already.
+        """
+        cdef HotLayer *L = &self.t.layers[layer]
+        table = None
+        with nogil:
+            kvc_lock_acquire(&L.lock)
+        try:
+            if L.keys == NULL:
+                kvc_fail(e, KVC_E_CLOSED, layer, -1)
+            else:
+                with nogil:
+                    write_back_blocks(&self.t, L, 0, L.length, False, e)
+                table = self._table(L)
+                close_layer(L)
+        finally:
+            kvc_lock_release(&L.lock)
+        return table
+
     def block_table(self, Py_ssize_t layer):
         """(length, [(slot, disk_rows, crc_k, crc_v) per block up to the end])."""
         cdef HotLayer *L = &self.t.layers[layer]
@@ -875,8 +705,11 @@ cdef class HotTier:
             rows.append((L.blocks[b].slot, L.blocks[b].disk_rows, L.blocks[b].crc_k, L.blocks[b].crc_v))
         return n, rows
 
-    def restore(self, Py_ssize_t layer, Py_ssize_t length, list disk_rows, list crc_k, list crc_v):
-        """Reopen: a layer's length and its blocks, cold but for the sinks (RAM refills lazily)."""
+    cdef int restore(self, Py_ssize_t layer, Py_ssize_t length, list disk_rows, list crc_k, list crc_v,
+                     kvc_error *e) except -1:
+        """Reopen: a layer's length and its blocks, cold but for the sinks (RAM
+        refills lazily).  Returns a status (``e`` filled on failure); raises
+        ValueError for a table that does not fit the config."""
         cdef HotLayer *L = &self.t.layers[layer]
         cdef Py_ssize_t b, total = 0
         if length > self.t.max_len or len(disk_rows) != (length + self.t.block_tokens - 1) // self.t.block_tokens:
@@ -904,7 +737,7 @@ cdef class HotTier:
         with nogil:
             kvc_lock_acquire(&L.lock)
             for b in range(eager):
-                status = _load(&self.t, L, b, length)
+                status = load_block(&self.t, L, b, length, e)
                 if status != KVC_OK:
                     break
             kvc_lock_release(&L.lock)

@@ -18,6 +18,7 @@ cdef struct Block:
 
 cdef struct Policy:
     int kind
+    bint promote             # promote_on_read, for a policy that promotes
     Py_ssize_t block_tokens
     Py_ssize_t sink_blocks   # blocks 0..sink_blocks-1 never leave RAM
     Py_ssize_t recent        # h2o: positions at the end that never leave RAM
@@ -26,3 +27,6 @@ cdef struct Policy:
 cdef double block_score(const Policy *p, const Block *b) noexcept nogil
 cdef Py_ssize_t choose_slot(const Policy *p, const Block *blocks, const int32_t *owner,
                             Py_ssize_t n_slots, Py_ssize_t cursor, Py_ssize_t keep) noexcept nogil
+cdef bint read_promotes(const Policy *p, Py_ssize_t cold_blocks, Py_ssize_t n_slots) noexcept nogil
+cdef bint promotes(const Policy *p, const Block *blocks, const int32_t *owner, Py_ssize_t n_slots,
+                   Py_ssize_t cursor, Py_ssize_t b) noexcept nogil

@@ -1,3 +1,8 @@
-from typing import Dict
+from typing import Dict, NamedTuple
 
-POLICIES: Dict[str, int]
+class PolicyInfo(NamedTuple):
+    name: str
+    code: int
+    promotes: bool
+
+POLICIES: Dict[str, PolicyInfo]

@@ -325,20 +325,17 @@ def info(a):
 
 # -- inspect ----------------------------------------------------------------------------
 def inspect(a):
-    from kvcache._cold import HEADER_SIZE as HEADER_BYTES, KINDS, _check_header, read_index
-    from kvcache._simd import crc32c
+    from kvcache._format import index_config, read_index, verify_layer
 
     path = a.dir
     index = read_index(path)  # FileNotFoundError / CorruptionError: one line, exit 1
     try:
         stored = index["config"]
-        config = CacheConfig(**stored)
+        config = index_config(index, path)
         layers = index["layers"]
-        if len(layers) != config.n_layers:
-            raise ValueError("index lists the wrong number of layers")
     except (KeyError, TypeError, ValueError) as exc:
         raise CLIError(f"{os.path.join(path, 'index.json')}: corrupt cache index ({exc})") from None
-    rb, B = config.cold_row_bytes, config.block_tokens
+    rb = config.cold_row_bytes
     print(f"kvcache cache in {path}")
     print("config: " + ", ".join(f"{k}={v}" for k, v in stored.items()))
     lengths = [entry["length"] for entry in layers]
@@ -347,27 +344,13 @@ def inspect(a):
     print(f"{'layer':>5}{'length':>9}{'blocks':>8}{'token bytes':>14}{'file bytes':>14}")
     bad, checked = [], 0
     for layer, entry in enumerate(layers):
-        sizes = []
-        for kind in range(2):
-            name = os.path.join(path, f"layer{layer:04d}.{KINDS[kind]}")
-            try:
-                with open(name, "rb") as f:
-                    _check_header(name, f.read(HEADER_BYTES), config, kind, layer)
-                    size = os.fstat(f.fileno()).st_size
-                    if size < HEADER_BYTES + entry["length"] * rb:
-                        raise CLIError(f"{name}: {size} bytes, shorter than the "
-                                       f"{entry['length']} positions the index records")
-                    sizes.append(size)
-                    if a.verify:
-                        crcs = entry["crc_k" if kind == 0 else "crc_v"]
-                        for b, rows in enumerate(entry["rows"]):
-                            data = os.pread(f.fileno(), rows * rb, HEADER_BYTES + b * B * rb)
-                            checked += 1
-                            if crc32c(data) != crcs[b]:
-                                bad.append(f"{name}: block {b} (positions {b * B}.."
-                                           f"{b * B + rows - 1}) checksum mismatch")
-            except FileNotFoundError:
-                raise CLIError(f"{name}: missing cold file") from None
+        try:
+            sizes, bad_blocks, n = verify_layer(path, config, layer, entry, a.verify)
+        except FileNotFoundError as exc:
+            raise CLIError(f"{exc.filename}: missing cold file") from None
+        checked += n
+        bad += [f"{name}: block {b} (positions {first}..{last}) checksum mismatch"
+                for name, b, first, last in bad_blocks]
         print(f"{layer:>5}{entry['length']:>9}{len(entry['rows']):>8}"
               f"{2 * sum(entry['rows']) * rb:>14,}{sum(sizes):>14,}")
     if a.verify:

@@ -8,9 +8,12 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Union
 
-DTYPES = ("float32", "float16", "bfloat16", "int8")
+from kvcache._codec import DTYPES as _DTYPE_TABLE, row_bytes as _row_bytes
+from kvcache._policy import POLICIES as _POLICY_TABLE
+
+DTYPES = tuple(_DTYPE_TABLE)  # names, from the one table (kvcache._codec.DTYPES)
 MAX_THREADS = 2**31 - 1  # a C int; the pool itself runs at most 64 helpers
-EVICTION_POLICIES = ("lru", "adaptive", "h2o")
+EVICTION_POLICIES = tuple(_POLICY_TABLE)  # from the one table (kvcache._policy.POLICIES)
 
 
 def _positive_int(name: str, value, *, allow_zero: bool = False, high: int = sys.maxsize) -> int:
@@ -232,10 +235,7 @@ class CacheConfig:
         int8 rows hold the ``n_kv_heads`` float32 scales first, then the
         values, padded to a multiple of 4 bytes so that every row's scales
         are aligned."""
-        n = self.n_kv_heads * self.head_dim
-        if dtype == "int8":
-            return 4 * self.n_kv_heads + -(-n // 4) * 4
-        return n * (4 if dtype == "float32" else 2)
+        return _row_bytes(dtype, self.n_kv_heads, self.head_dim)
 
     @property
     def row_bytes(self) -> int:

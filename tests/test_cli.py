@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import kvcache
-from kvcache._cold import HEADER_SIZE
+from kvcache._format import HEADER_SIZE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(kvcache.__file__)))
 # A tiny bench: every row, in well under a second.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import kvcache
-from kvcache._hot import allocator_live
+from kvcache._arena import allocator_live
 from conftest import SHAPE, rows
 
 

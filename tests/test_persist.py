@@ -15,7 +15,7 @@ import pytest
 import crash_writer
 import kvcache
 from conftest import SHAPE, rows
-from kvcache._cold import HEADER_SIZE
+from kvcache._format import HEADER_SIZE
 from reference import roundtrip
 
 L = SHAPE["n_layers"]

@@ -17,7 +17,7 @@ import pytest
 
 import kvcache
 from kvcache import CacheClosedError, CacheFullError
-from kvcache._hot import allocator_live
+from kvcache._arena import allocator_live
 
 HANG_GUARD = 300  # seconds; only ever reached if the library deadlocks
 

@@ -26,9 +26,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcache import TieredKVCache
+from kvcache._codec import DTYPES
 
-_TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_NUMPY_VIEW = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
+# torch dtypes that are store inputs, from the one dtype table
+_TORCH_DTYPES = {getattr(torch, d.torch): d.name for d in DTYPES.values() if d.torch is not None}
 
 
 def model_shape(config):
@@ -42,10 +43,11 @@ def model_shape(config):
 
 def _rows_to_torch(rows, dtype: str, n_heads: int, head_dim: int) -> torch.Tensor:
     """uint8 ``[n, row_bytes]`` rows of a float dtype as a ``[1, heads, n, head_dim]`` tensor, no copy."""
-    t = torch.from_numpy(rows.view(_NUMPY_VIEW[dtype]).reshape(rows.shape[0], n_heads, head_dim))
-    if dtype == "bfloat16":
-        t = t.view(torch.bfloat16)
-    return t.permute(1, 0, 2).unsqueeze(0)
+    info = DTYPES[dtype]
+    assert info.torch is not None, dtype  # callers pass a dtype torch has
+    # viewed as an integer of the same size, then as the torch dtype (numpy has no bfloat16)
+    t = torch.from_numpy(rows.view(f"<i{info.itemsize}").reshape(rows.shape[0], n_heads, head_dim))
+    return t.view(getattr(torch, info.torch)).permute(1, 0, 2).unsqueeze(0)
 
 
 def _to_numpy(t: torch.Tensor):
