@@ -70,6 +70,7 @@ extensions = [
     ext("_cold"),
     ext("_policy"),
     ext("_moves"),
+    ext("_copy"),
     ext("_hot", ["src/kvc_pool.c"], extra_link=["-pthread"]),
     ext("_cache"),
 ]

@@ -166,6 +166,8 @@ def read_index(path):
         body, crc, rest = raw.decode().rsplit("\n", 2)
         if rest:
             raise ValueError("bytes after the checksum line")
+        if len(crc) != 8 or crc.strip("0123456789abcdef"):
+            raise ValueError("checksum line: expected 8 lowercase hex digits")
         if int(crc, 16) != zlib.crc32(body.encode()):
             raise ValueError("checksum mismatch")
         index = json.loads(body)
@@ -173,7 +175,7 @@ def read_index(path):
             raise ValueError("bad magic")
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptionError(_errno.EINVAL, f"corrupt cache index ({exc})", p) from None
-    if index.get("version") != FORMAT_VERSION:
+    if type(index.get("version")) is not int or index["version"] != FORMAT_VERSION:
         raise CorruptionError(_errno.EINVAL, f"index format version {index.get('version')}, "
                                              f"expected {FORMAT_VERSION}", p)
     try:

@@ -1,16 +1,16 @@
-"""The hot tier: per-layer slots in RAM, block tables, locks, and the GIL-free copy loops.
+"""The hot tier: per-layer slots in RAM, block tables, locks, and the calls into the copy loops.
 
 Owns: each layer's arenas (``n_slots`` blocks of ``block_tokens`` rows), its
 block table (per block: which slot holds it, how many of its rows the cold
-files hold, their CRC32C), its length and lock; the admission checks of a
-store (``max_seq_len``, ``max_cold_bytes``); the store loops (one layer, or
-every layer on the thread pool, all or nothing); the read loop; truncation;
-the statistics counters.  When every position fits in RAM (``tiered``
+files hold, their CRC32C), its length and lock; taking the locks around the
+copy loops of kvcache._copy (one layer, or every layer on the thread pool,
+all or nothing); truncation; seal and restore of a persisted layer; views
+of the arenas; the statistics counters.  When every position fits in RAM (``tiered``
 false), block b lives in slot b for good and nothing goes cold.  Otherwise
 a store that needs a slot takes a free one or evicts the policy's victim
 (kvcache._moves): one block of writes, only when a new block starts.
 Must not touch: file layouts (kvcache._format), files (kvcache._cold),
-victim choice (kvcache._policy).
+victim choice (kvcache._policy), bytes outside kvcache._copy's loops.
 
 All state of a layer is guarded by that layer's mutex; the GIL is never held
 while a lock is taken, a byte is copied or a file is written.  Native
@@ -23,26 +23,29 @@ from libc.stdlib cimport calloc, free
 from cpython.pyport cimport PY_SSIZE_T_MAX
 
 from kvcache._ckvc cimport (
-    KVC_OK, KVC_E_NOMEM, KVC_E_FULL, KVC_E_CLOSED, KVC_E_RANGE, KVC_E_IO,
-    KVC_LIMIT_SEQ_LEN, KVC_LIMIT_COLD_BYTES,
+    KVC_OK, KVC_E_NOMEM, KVC_E_FULL, KVC_E_CLOSED, KVC_E_RANGE,
     KVC_STAT_TOKENS_STORED, KVC_STAT_BYTES_STORED, KVC_STAT_TOKENS_READ,
     KVC_STAT_BYTES_READ, KVC_STAT_HOT_HITS, KVC_STAT_COLD_HITS, KVC_STAT_EVICTIONS,
     KVC_STAT_EVICTION_BLOCKS, KVC_STAT_PROMOTIONS, KVC_STAT_PROMOTION_BLOCKS,
     KVC_STAT_BYTES_TO_COLD, KVC_STAT_BYTES_FROM_COLD, KVC_STAT_COLD_BYTES, KVC_STAT_ROWS_HELD,
-    kvc_error, kvc_error_clear, kvc_fail, kvc_fail_full, kvc_pool_run, kvc_prefault,
+    kvc_error, kvc_error_clear, kvc_fail, kvc_pool_run, kvc_prefault,
     kvc_stats_new, kvc_stats_free, kvc_stats_add, kvc_stats_sub, kvc_stats_get,
     kvc_lock_init, kvc_lock_destroy, kvc_lock_acquire, kvc_lock_release,
 )
-from kvcache._arena cimport ARENA_ALIGN, Arena, WritableArena
-from kvcache._codec cimport RowFmt, Rows, convert_pair, dense_rows, row_format, rows_at
+from kvcache._arena cimport Arena, WritableArena
+from kvcache._codec cimport RowFmt, Rows, convert_pair, row_format
 from kvcache._codec import DTYPES
 from kvcache._cold cimport ColdFiles, layer_files
+from kvcache._copy cimport (
+    AppendJob, append_locked, append_task, check_room, close_layer, cold_fits, cut, moves_blocks, read_locked,
+)
 from kvcache._format cimport row_offset
-from kvcache._moves cimport drop_disk_rows, load_block, take_slot, verify, write_back_blocks
-from kvcache._policy cimport POLICY_H2O, Block, promotes, read_promotes
+from kvcache._moves cimport load_block, write_back_blocks
+from kvcache._policy cimport POLICY_H2O, Block
 from kvcache._policy import POLICIES
 from kvcache._simd cimport simd_ops
 from kvcache._status cimport check_status
+from kvcache._tier cimport slot_rows
 
 cdef enum:
     # store_layers calls moving fewer bytes than this copy on the calling thread:
@@ -65,156 +68,6 @@ STAT_NAMES = {
     "bytes_from_cold": KVC_STAT_BYTES_FROM_COLD,
     "cold_bytes_on_disk": KVC_STAT_COLD_BYTES,
 }
-
-
-cdef inline Py_ssize_t clamp_rows(Py_ssize_t rows, Py_ssize_t block) noexcept nogil:
-    return 0 if rows < 0 else (block if rows > block else rows)
-
-
-cdef inline Rows slot_rows(Tier *t, HotLayer *L, Py_ssize_t slot, Py_ssize_t row) noexcept nogil:
-    """Row ``row`` of hot slot ``slot``, keys and values."""
-    cdef Py_ssize_t at = (slot * t.block_tokens + row) * t.row_bytes
-    return dense_rows(L.keys + at, L.values + at, t.row_bytes)
-
-
-# -- bookkeeping (the caller holds the layer lock) ---------------------------------
-cdef void cut(Tier *t, HotLayer *L, Py_ssize_t n, Py_ssize_t extent) noexcept nogil:
-    """Forget positions [n, extent) of a layer in both tiers."""
-    cdef Py_ssize_t b, keep, p, B = t.block_tokens
-    cdef Block *blk
-    for b in range(n // B, (extent + B - 1) // B):
-        blk = &L.blocks[b]
-        keep = clamp_rows(n - b * B, B)
-        drop_disk_rows(t, L, b, keep)
-        if keep == 0:
-            if t.tiered and blk.slot >= 0:
-                L.owner[blk.slot] = -1
-                blk.slot = -1
-            blk.hits = 0
-            blk.last_use = 0
-        if L.scores != NULL:
-            blk.mass = 0
-            for p in range(b * B, b * B + B):
-                if p >= n:
-                    L.scores[p] = 0
-                else:
-                    blk.mass += L.scores[p]
-    if L.length > n:
-        kvc_stats_sub(t.stats, KVC_STAT_ROWS_HELD, L.length - n)
-    L.length = n
-
-
-cdef int check_room(Tier *t, HotLayer *L, Py_ssize_t n, uint64_t *need, kvc_error *e) noexcept nogil:
-    """KVC_E_FULL if n more positions would pass max_seq_len; else adds to
-    ``need`` the cold bytes they may take (only counted under max_cold_bytes)."""
-    cdef Py_ssize_t b, B = t.block_tokens, missing = 0, free_slots = 0
-    if L.keys == NULL:
-        return kvc_fail(e, KVC_E_CLOSED, L.index, -1)
-    if n > t.max_len - L.length:
-        return kvc_fail_full(e, KVC_LIMIT_SEQ_LEN, L.index, L.length, n, t.max_len)
-    if t.cold_limit == UINT64_MAX:
-        return KVC_OK
-    if t.persist:  # every position goes to disk at the next flush
-        need[0] += 2 * <uint64_t>n * t.cold_fmt.row_bytes
-    elif t.tiered:  # worst case: each block it pushes out is a whole block new to disk
-        for b in range(L.length // B, (L.length + n + B - 1) // B):
-            missing += L.blocks[b].slot < 0
-        if missing:
-            for b in range(t.n_slots):
-                free_slots += L.owner[b] < 0
-        need[0] += 2 * <uint64_t>max(0, missing - free_slots) * B * t.cold_fmt.row_bytes
-    return KVC_OK
-
-
-cdef int cold_fits(Tier *t, uint64_t need, Py_ssize_t layer, kvc_error *e) noexcept nogil:
-    """KVC_E_FULL if ``need`` more cold bytes would pass max_cold_bytes."""
-    cdef uint64_t held
-    if need == 0:
-        return KVC_OK
-    if t.persist:
-        held = 2 * kvc_stats_get(t.stats, KVC_STAT_ROWS_HELD) * t.cold_fmt.row_bytes
-    else:
-        held = kvc_stats_get(t.stats, KVC_STAT_COLD_BYTES)
-    if need > t.cold_limit - min(t.cold_limit, held):
-        return kvc_fail_full(e, KVC_LIMIT_COLD_BYTES, layer, held, need, t.cold_limit)
-    return KVC_OK
-
-
-cdef void close_layer(HotLayer *L) noexcept nogil:
-    """Mark a layer closed: every call on it now returns KVC_E_CLOSED (lock held)."""
-    L.keys = L.values = NULL
-    L.length = 0
-    L.cold.fd_k = L.cold.fd_v = -1
-    L.cold.map_k = L.cold.map_v = NULL
-
-
-# -- stores ------------------------------------------------------------------------
-cdef int append_locked(Tier *t, HotLayer *L, const RowFmt *fmt, Py_ssize_t n, Rows src,
-                       kvc_error *e) noexcept nogil:
-    """Append n rows to a layer whose lock the caller holds and whose room
-    check_room confirmed: all or nothing."""
-    cdef Py_ssize_t B = t.block_tokens
-    cdef Py_ssize_t old = L.length, cursor = L.length, i = 0, b, off, cnt
-    cdef Block *blk
-    cdef int status = KVC_OK
-    L.tick += 1
-    while i < n:
-        b = cursor // B
-        off = cursor - b * B
-        blk = &L.blocks[b]
-        if blk.slot < 0:
-            # A cold block with rows is the tail after a truncate or a reopen.
-            status = load_block(t, L, b, cursor, e) if blk.disk_rows > 0 else take_slot(t, L, b, cursor, e)
-            if status != KVC_OK:
-                cut(t, L, old, cursor)
-                return status
-        cnt = min(B - off, n - i)
-        status = convert_pair(t.ops, True, fmt, rows_at(src, i), &t.hot_fmt, slot_rows(t, L, blk.slot, off), cnt)
-        if status != KVC_OK:
-            cut(t, L, old, cursor)
-            return kvc_fail(e, status, L.index, b)
-        blk.last_use = L.tick
-        i += cnt
-        cursor += cnt
-    L.length = cursor
-    kvc_stats_add(t.stats, KVC_STAT_ROWS_HELD, n)
-    kvc_stats_add(t.stats, KVC_STAT_TOKENS_STORED, n)
-    kvc_stats_add(t.stats, KVC_STAT_BYTES_STORED, 2 * n * t.row_bytes)
-    return KVC_OK
-
-
-cdef bint moves_blocks(Tier *t, Py_ssize_t n) noexcept nogil:
-    """Whether appending n rows to every layer may evict or promote (block-sized I/O
-    per layer: worth the thread pool even for a one-token step)."""
-    cdef Py_ssize_t l, b, B = t.block_tokens
-    cdef HotLayer *L
-    if not t.tiered:
-        return False
-    for l in range(t.n_layers):
-        L = &t.layers[l]
-        for b in range(L.length // B, (L.length + n + B - 1) // B):
-            if L.blocks[b].slot < 0:
-                return True
-    return False
-
-
-cdef struct AppendJob:
-    # One store_layers call, shared by the pool threads: task l stores layer l.
-    Tier *tier
-    const RowFmt *fmt
-    Py_ssize_t n
-    Rows src                           # layer 0's rows
-    Py_ssize_t k_layer_step, v_layer_step
-    int *status                        # [n_layers]
-    kvc_error *errors                  # [n_layers]: each task's own record
-
-
-cdef void append_task(void *ctx, size_t l) noexcept nogil:
-    cdef AppendJob *j = <AppendJob *>ctx
-    cdef Rows src = j.src
-    src.k += <Py_ssize_t>l * j.k_layer_step
-    src.v += <Py_ssize_t>l * j.v_layer_step
-    j.status[l] = append_locked(j.tier, &j.tier.layers[l], j.fmt, j.n, src, &j.errors[l])
 
 
 cdef inline bint _meets(const char *lo, const char *hi, const char *base, size_t n) noexcept nogil:
@@ -468,13 +321,8 @@ cdef class HotTier:
         A row counts as a cold hit when its block was cold as the read found
         it, also when the read promotes the block to serve it."""
         cdef HotLayer *L = &self.t.layers[layer]
-        cdef Py_ssize_t B = self.t.block_tokens, cb = self.t.cold_fmt.row_bytes
-        cdef Py_ssize_t pos = start, b, off, cnt, cold_blocks = 0, hot = 0, cold = 0
-        cdef size_t at
-        cdef Block *blk
+        cdef Py_ssize_t hot = 0, cold = 0
         cdef int status = KVC_OK
-        cdef bint promote = self.t.policy.promote, was_cold
-        cdef kvc_error attempt
         cdef RowFmt out = row_format(kind, self.t.hot_fmt.n_heads, self.t.hot_fmt.head_dim)
         kvc_lock_acquire(&L.lock)
         if L.keys == NULL:
@@ -487,47 +335,7 @@ cdef class HotTier:
                                   dst, stop - start)
             hot = stop - start
         else:
-            L.tick += 1
-            if promote:
-                for b in range(start // B, (stop + B - 1) // B):
-                    cold_blocks += L.blocks[b].slot < 0
-                promote = read_promotes(&self.t.policy, cold_blocks, self.t.n_slots)
-            while pos < stop and status == KVC_OK:
-                b = pos // B
-                off = pos - b * B
-                cnt = min(B - off, stop - pos)
-                blk = &L.blocks[b]
-                blk.last_use = L.tick
-                blk.hits += 1
-                was_cold = blk.slot < 0
-                if was_cold and promote and promotes(&self.t.policy, L.blocks, L.owner, self.t.n_slots,
-                                                     L.length, b):
-                    kvc_error_clear(&attempt)
-                    status = load_block(&self.t, L, b, L.length, &attempt)
-                    if status == KVC_E_IO or status == KVC_E_FULL:
-                        status = KVC_OK  # could not make room: serve it from the cold tier
-                    elif status != KVC_OK:
-                        e[0] = attempt
-                        break
-                if blk.slot >= 0:
-                    status = convert_pair(self.t.ops, False, &self.t.hot_fmt, slot_rows(&self.t, L, blk.slot, off),
-                                          &out, rows_at(dst, pos - start), cnt)
-                else:
-                    status = verify(&self.t, L, b, e)
-                    if status != KVC_OK:
-                        break
-                    at = row_offset(pos, cb)
-                    status = convert_pair(self.t.ops, False, &self.t.cold_fmt,
-                                          dense_rows(<char *>L.cold.map_k + at, <char *>L.cold.map_v + at, cb),
-                                          &out, rows_at(dst, pos - start), cnt)
-                    kvc_stats_add(self.t.stats, KVC_STAT_BYTES_FROM_COLD, 2 * cnt * cb)
-                if was_cold:
-                    cold += cnt
-                else:
-                    hot += cnt
-                pos += cnt
-            if status != KVC_OK:
-                kvc_fail(e, status, layer, b)
+            status = read_locked(&self.t, L, &out, start, stop, dst, e, &hot, &cold)
         kvc_lock_release(&L.lock)
         if status == KVC_OK:
             kvc_stats_add(self.t.stats, KVC_STAT_TOKENS_READ, stop - start)

@@ -22,22 +22,7 @@ from kvcache._codec cimport Rows, convert_pair, dense_rows
 from kvcache._cold cimport write_all
 from kvcache._format cimport row_offset
 from kvcache._policy cimport Block, choose_slot
-
-
-cdef inline Py_ssize_t clamp_rows(Py_ssize_t rows, Py_ssize_t block) noexcept nogil:
-    return 0 if rows < 0 else (block if rows > block else rows)
-
-
-cdef inline Rows hot_rows(Tier *t, HotLayer *L, Py_ssize_t slot, Py_ssize_t row) noexcept nogil:
-    """Row ``row`` of hot slot ``slot``, keys and values."""
-    cdef Py_ssize_t at = (slot * t.block_tokens + row) * t.row_bytes
-    return dense_rows(L.keys + at, L.values + at, t.row_bytes)
-
-
-cdef inline Rows cold_rows(Tier *t, HotLayer *L, Py_ssize_t pos) noexcept nogil:
-    """Position ``pos`` in the cold mappings, keys and values."""
-    cdef size_t at = row_offset(pos, t.cold_fmt.row_bytes)
-    return dense_rows(<char *>L.cold.map_k + at, <char *>L.cold.map_v + at, t.cold_fmt.row_bytes)
+from kvcache._tier cimport HotLayer, Tier, clamp_rows, cold_rows, slot_rows
 
 
 cdef int write_back(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t rows, kvc_error *e) noexcept nogil:
@@ -47,7 +32,7 @@ cdef int write_back(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t rows, kvc_err
     cdef Py_ssize_t d = blk.disk_rows, cb = t.cold_fmt.row_bytes
     cdef size_t nbytes = (rows - d) * cb
     cdef size_t off = row_offset(b * t.block_tokens + d, cb)
-    cdef Rows src = hot_rows(t, L, blk.slot, d)
+    cdef Rows src = slot_rows(t, L, blk.slot, d)
     cdef char *buf = NULL
     cdef int status = KVC_OK, err
     if rows <= d:
@@ -160,7 +145,7 @@ cdef int load_block(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t cursor, kvc_e
         status = take_slot(t, L, b, cursor, e)
     if status == KVC_OK:
         status = convert_pair(t.ops, True, &t.cold_fmt, cold_rows(t, L, b * t.block_tokens),
-                              &t.hot_fmt, hot_rows(t, L, blk.slot, 0), rows)
+                              &t.hot_fmt, slot_rows(t, L, blk.slot, 0), rows)
         if status != KVC_OK:
             return kvc_fail(e, status, L.index, b)
     if status != KVC_OK:
@@ -185,7 +170,7 @@ cdef void drop_disk_rows(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t keep) no
         blk.crc_k = blk.crc_v = 0
     elif blk.slot >= 0 and t.hot_fmt.kind == t.cold_fmt.kind:
         # the RAM copy holds the same bytes, and is the reference for them
-        hot = hot_rows(t, L, blk.slot, 0)
+        hot = slot_rows(t, L, blk.slot, 0)
         blk.crc_k = t.ops.crc32c(0, hot.k, keep * rb)
         blk.crc_v = t.ops.crc32c(0, hot.v, keep * rb)
     else:

@@ -3,7 +3,8 @@
 # Declarations only; no module of its own.
 from libc.stdint cimport int32_t, uint64_t
 from kvcache._ckvc cimport kvc_lock, kvc_stats, kvc_simd_ops
-from kvcache._codec cimport RowFmt
+from kvcache._codec cimport RowFmt, Rows, dense_rows
+from kvcache._format cimport row_offset
 from kvcache._cold cimport ColdFiles
 from kvcache._policy cimport Block, Policy
 
@@ -31,3 +32,19 @@ cdef struct Tier:
     Py_ssize_t block_tokens, n_blocks, n_slots, capacity, max_len
     bint tiered, persist
     uint64_t cold_limit     # max_cold_bytes, or UINT64_MAX
+
+
+cdef inline Py_ssize_t clamp_rows(Py_ssize_t rows, Py_ssize_t block) noexcept nogil:
+    return 0 if rows < 0 else (block if rows > block else rows)
+
+
+cdef inline Rows slot_rows(Tier *t, HotLayer *L, Py_ssize_t slot, Py_ssize_t row) noexcept nogil:
+    """Row ``row`` of hot slot ``slot``, keys and values."""
+    cdef Py_ssize_t at = (slot * t.block_tokens + row) * t.row_bytes
+    return dense_rows(L.keys + at, L.values + at, t.row_bytes)
+
+
+cdef inline Rows cold_rows(Tier *t, HotLayer *L, Py_ssize_t pos) noexcept nogil:
+    """Position ``pos`` in the cold mappings, keys and values."""
+    cdef size_t at = row_offset(pos, t.cold_fmt.row_bytes)
+    return dense_rows(<char *>L.cold.map_k + at, <char *>L.cold.map_v + at, t.cold_fmt.row_bytes)

@@ -1,0 +1,25 @@
+from libc.stdint cimport uint64_t
+from kvcache._ckvc cimport kvc_error
+from kvcache._codec cimport RowFmt, Rows
+from kvcache._tier cimport HotLayer, Tier
+
+cdef struct AppendJob:
+    # One store_layers call, shared by the pool threads: task l stores layer l.
+    Tier *tier
+    const RowFmt *fmt
+    Py_ssize_t n
+    Rows src                           # layer 0's rows
+    Py_ssize_t k_layer_step, v_layer_step
+    int *status                        # [n_layers]
+    kvc_error *errors                  # [n_layers]: each task's own record
+
+cdef void cut(Tier *t, HotLayer *L, Py_ssize_t n, Py_ssize_t extent) noexcept nogil
+cdef int check_room(Tier *t, HotLayer *L, Py_ssize_t n, uint64_t *need, kvc_error *e) noexcept nogil
+cdef int cold_fits(Tier *t, uint64_t need, Py_ssize_t layer, kvc_error *e) noexcept nogil
+cdef void close_layer(HotLayer *L) noexcept nogil
+cdef int append_locked(Tier *t, HotLayer *L, const RowFmt *fmt, Py_ssize_t n, Rows src,
+                       kvc_error *e) noexcept nogil
+cdef bint moves_blocks(Tier *t, Py_ssize_t n) noexcept nogil
+cdef void append_task(void *ctx, size_t l) noexcept nogil
+cdef int read_locked(Tier *t, HotLayer *L, const RowFmt *out, Py_ssize_t start, Py_ssize_t stop,
+                     Rows dst, kvc_error *e, Py_ssize_t *hot, Py_ssize_t *cold) noexcept nogil
