@@ -1,13 +1,16 @@
-"""Shared machinery of the benchmark suite: shapes, baselines, the interleaving harness.
+"""Shared machinery of the benchmark suite: shapes, fixtures' helpers, ``measure()``, the table.
 
-Every benchmark compares the project ("proj") with one or more baselines in
-the same run.  ``measure()`` drives pytest-benchmark's ``pedantic`` mode:
-pytest-benchmark times one step of the project per round, and the baselines' steps are
-timed (with the same clock) in the round's ``setup`` on even rounds and in
-its ``teardown`` on odd rounds, so the measurements go B A | A B | B A ...
-and a slow phase of the shared machine hits both sides alike.  Medians of
-each side give the ratio (baseline time / project time, i.e. >1 means the
-project is faster).  Nothing is asserted about timings.
+The baselines (the hand-written numpy cache, the copy limit) and the
+interleaved measuring loop are ``kvcache._benchkit``'s, which ``kvcache bench``
+uses too.  Every benchmark compares the project ("proj") with one or more
+baselines in the same run.  ``measure()`` drives pytest-benchmark's
+``pedantic`` mode through ``_benchkit.Interleaved.pedantic``: pytest-benchmark
+times one step of the project per round, and the baselines' steps are timed
+(with the same clock) in the round's ``setup`` on even rounds and in its
+``teardown`` on odd rounds, so the measurements go B A | A B | B A ... and a
+slow phase of the shared machine hits both sides alike.  Medians of each side
+give the ratio (baseline time / project time, i.e. >1 means the project is
+faster).  Nothing is asserted about timings.
 
 A "token" is one position's keys AND values for every layer:
 32 layers x 8 heads x 128 dims x 4 bytes x 2 = 256 KiB.  Every benchmark
@@ -17,12 +20,12 @@ bytes copied, counted once) describe the same quantity.
 from __future__ import annotations
 
 import os
-import statistics
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
+
+from kvcache._benchkit import (Arena, Interleaved, NumpyCache, Side, clock, gb_per_s, ratio,
+                               reset_arenas, seconds, tokens_per_s)
 
 N_LAYERS = 32
 N_HEADS = 8
@@ -45,8 +48,6 @@ ROUND_OVERHEAD_S = 60e-6  # pytest-benchmark's and the harness's own work per ro
 
 RESULTS: list[dict] = []  # rows for the terminal summary and results.json
 
-clock = time.perf_counter  # pytest-benchmark's default timer too
-
 
 def make_kv(tokens: int, seed: int = 0):
     """Random keys and values ``[n_layers, tokens, n_heads, head_dim]``, C-contiguous float32."""
@@ -58,19 +59,9 @@ def make_kv(tokens: int, seed: int = 0):
 
 # -- what gets filled ----------------------------------------------------------
 
-class Arena:
-    """Something a side appends to, with ``capacity`` positions; reset when full."""
-
-    capacity: int
-
-    def used(self) -> int:
-        raise NotImplementedError
-
-    def reset(self) -> None:
-        raise NotImplementedError
-
-
 class CacheArena(Arena):
+    """The project's cache as what a side fills (the baselines' arenas are _benchkit's)."""
+
     def __init__(self, cache):
         self.cache = cache
         self.capacity = cache.config.max_seq_len
@@ -80,78 +71,6 @@ class CacheArena(Arena):
 
     def reset(self):
         self.cache.reset()
-
-
-class NumpyCache(Arena):
-    """The hand-written baseline: preallocated per-layer arrays, slice assignment."""
-
-    def __init__(self, capacity: int = MAX_SEQ_LEN):
-        self.capacity = capacity
-        self.k = [np.empty((capacity, N_HEADS, HEAD_DIM), np.float32) for _ in range(N_LAYERS)]
-        self.v = [np.empty((capacity, N_HEADS, HEAD_DIM), np.float32) for _ in range(N_LAYERS)]
-        for a in self.k + self.v:  # commit every page now, like the cache's prefault
-            a.fill(0)
-        self.pos = 0
-
-    def used(self):
-        return self.pos
-
-    def reset(self):
-        self.pos = 0
-
-    def store_batch(self, ks, vs, t):
-        """Append ``t`` tokens; ``ks[l]`` / ``vs[l]`` are ``[t, H, D]`` views."""
-        p = self.pos
-        kc, vc = self.k, self.v
-        for l in range(N_LAYERS):
-            kc[l][p:p + t] = ks[l]
-            vc[l][p:p + t] = vs[l]
-        self.pos = p + t
-
-    def store_one(self, ks, vs):
-        """Append one token; ``ks[l]`` / ``vs[l]`` are ``[H, D]``."""
-        p = self.pos
-        kc, vc = self.k, self.v
-        for l in range(N_LAYERS):
-            kc[l][p] = ks[l]
-            vc[l][p] = vs[l]
-        self.pos = p + 1
-
-
-class LimitBuffer(Arena):
-    """The limit: ``np.copyto`` of the same bytes into the next fresh region of one
-    preallocated buffer as large as the cache's arenas (so the destination is not
-    the same cache-hot 256 KiB every step)."""
-
-    def __init__(self, capacity: int = MAX_SEQ_LEN):
-        self.capacity = capacity
-        self.buf = np.empty(capacity * TOKEN_BYTES // 4, np.float32)
-        self.buf.fill(0)
-        self.pos = 0
-
-    def used(self):
-        return self.pos
-
-    def reset(self):
-        self.pos = 0
-
-    def store(self, kflat, vflat, t):
-        """Copy ``t`` tokens' keys then values (``kflat``/``vflat`` 1-D, contiguous)."""
-        n = kflat.shape[0]
-        off = self.pos * (TOKEN_BYTES // 4)
-        np.copyto(self.buf[off:off + n], kflat)
-        np.copyto(self.buf[off + n:off + 2 * n], vflat)
-        self.pos += t
-
-
-LIMIT = "limit (np.copyto)"
-
-
-def limit_side(limit: LimitBuffer, k, v, tokens) -> Side:
-    """The limit's side for a step storing ``k``, ``v`` ``[n_layers, T, H, D]``."""
-    kflat, vflat = k.reshape(-1), v.reshape(-1)
-    assert kflat.base is not None and vflat.base is not None  # views, no copy
-    return Side(LIMIT, lambda: limit.store(kflat, vflat, tokens), tokens, limit)
 
 
 NUMPY_COPY = "numpy copy"
@@ -190,59 +109,15 @@ def check_stored(cache, k, v, tokens):
     np.testing.assert_array_equal(vo, v[N_LAYERS - 1, -tokens:])
 
 
-# -- the harness -----------------------------------------------------------------
-
-@dataclass
-class Side:
-    """One contestant: ``step()`` moves ``tokens`` tokens into ``arena`` (if any);
-    ``enter``/``exit`` run around each timed step, outside the timing (e.g. to force
-    a SIMD path or a thread count)."""
-
-    name: str
-    step: Callable[[], None]
-    tokens: int
-    arena: Optional[Arena] = None
-    enter: Optional[Callable[[], None]] = None
-    exit: Optional[Callable[[], None]] = None
-    times: list = field(default_factory=list)  # seconds per step, one per measured round
-
-
-def _time_once(side: Side) -> float:
-    if side.enter:
-        side.enter()
-    t0 = clock()
-    side.step()
-    dt = clock() - t0
-    if side.exit:
-        side.exit()
-    return dt
-
-
-def _ensure_room(sides):
-    """Reset (outside the timing) every arena that cannot take one more round."""
-    need: dict[int, list] = {}
-    for s in sides:
-        if s.arena is not None:
-            need.setdefault(id(s.arena), [s.arena, 0])[1] += s.tokens
-    for arena, n in need.values():
-        if n > arena.capacity:
-            raise ValueError(f"a round needs {n} positions but the arena holds {arena.capacity}")
-        if arena.used() + n > arena.capacity:
-            arena.reset()
-
-
-def _reset_all(sides):
-    for s in sides:
-        if s.arena is not None:
-            s.arena.reset()
-
+# -- measuring (the loop is _benchkit's) ------------------------------------------
 
 def measure(benchmark, *, name: str, proj: Side, baselines: list[Side],
             targets: Optional[dict] = None, budget_s: float = BUDGET_S,
             stat: str = "median", rounds: Optional[int] = None,
             token_bytes: int = TOKEN_BYTES) -> dict:
     """Time one step of ``proj`` per round with pytest-benchmark, and one step of
-    every baseline in the same round, alternating which goes first.
+    every baseline in the same round, the order reversed every other round
+    (``_benchkit.Interleaved.pedantic``).
 
     A timed sample is a single step (one decode step, one prefill chunk, ...),
     as an application calls it between other work: consecutive calls are never
@@ -256,88 +131,53 @@ def measure(benchmark, *, name: str, proj: Side, baselines: list[Side],
     another shape.  Returns the rows it records.
     """
     targets = targets or {}
-    summarize = {"median": statistics.median, "mean": statistics.fmean}[stat]
-    sides = [proj, *baselines]
+    sides = [*baselines, proj]  # even rounds B.. A, odd rounds A ..B
 
-    # Warm up (and size the run): a few steps of each side.
-    _reset_all(sides)
+    # Warm up (and size the run): a few rounds of every side, nothing recorded.
+    reset_arenas(sides)
     t0 = clock()
-    for _ in range(3):
-        _ensure_room(sides)
-        for s in sides:
-            _time_once(s)
+    Interleaved(sides, warmup=3).run(3)
     round_s = (clock() - t0) / 3 + ROUND_OVERHEAD_S
     if rounds is None:
         rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, budget_s / round_s)))
-    _reset_all(sides)
+    reset_arenas(sides)
 
-    state = {"round": -1}
-    for b in baselines:
-        b.times.clear()
-
-    def run_baselines():
-        r = state["round"]
-        for b in (baselines if r % 4 < 2 else baselines[::-1]):
-            dt = _time_once(b)
-            if r >= WARMUP_ROUNDS:
-                b.times.append(dt)
-
-    def setup():  # even rounds: baselines, then the project
-        state["round"] += 1
-        _ensure_room(sides)
-        if state["round"] % 2 == 0:
-            run_baselines()
-        if proj.enter:
-            proj.enter()
-
-    def teardown():  # odd rounds: the project, then the baselines
-        if proj.exit:
-            proj.exit()
-        if state["round"] % 2 == 1:
-            run_baselines()
-
-    benchmark.pedantic(proj.step, setup=setup, teardown=teardown,
-                       rounds=rounds, warmup_rounds=WARMUP_ROUNDS, iterations=1)
-
-    stats = getattr(benchmark, "stats", None)
-    if stats is None:  # --benchmark-disable: the step ran once, nothing was timed
-        return {}
-    proj_s = getattr(stats.stats, stat)
-    nbytes = proj.tokens * token_bytes
+    if not Interleaved(sides, warmup=WARMUP_ROUNDS).pedantic(benchmark, proj, rounds):
+        return {}  # --benchmark-disable: the step ran once, nothing was timed
+    proj_s = seconds(proj, stat)
     info = benchmark.extra_info
     info.update({
         "tokens_per_step": proj.tokens,
-        "bytes_per_step": nbytes,
+        "bytes_per_step": proj.tokens * token_bytes,
         "rounds": rounds,
         "stat": stat,
-        "proj_max_s": stats.stats.max,
+        "proj_max_s": max(proj.times),
         f"proj_{stat}_s": proj_s,
-        "proj_tokens_per_s": proj.tokens / proj_s,
-        "proj_GBps": nbytes / proj_s / 1e9,
+        "proj_tokens_per_s": tokens_per_s(proj, stat),
+        "proj_GBps": gb_per_s(proj, token_bytes, stat),
     })
     rows = []
     for b in baselines:
-        b_s = summarize(b.times)
-        ratio = b_s / proj_s
+        b_s, b_gbps, r = seconds(b, stat), gb_per_s(b, token_bytes, stat), ratio(b, proj, stat)
         target = targets.get(b.name)
         info[f"{b.name}_{stat}_s"] = b_s
-        info[f"{b.name}_GBps"] = b.tokens * token_bytes / b_s / 1e9
-        info[f"ratio_vs_{b.name}"] = ratio
+        info[f"{b.name}_GBps"] = b_gbps
+        info[f"ratio_vs_{b.name}"] = r
         if target is not None:
             info[f"target_vs_{b.name}"] = target
-            info[f"met_vs_{b.name}"] = ratio >= target
+            info[f"met_vs_{b.name}"] = r >= target
         row = {
             "benchmark": name,
             "test": benchmark.name,
             "tokens_per_step": proj.tokens,
-            "tokens_per_s": proj.tokens / proj_s,
-            "GBps": nbytes / proj_s / 1e9,
+            "tokens_per_s": info["proj_tokens_per_s"],
+            "GBps": info["proj_GBps"],
             "baseline": b.name,
-            "baseline_tokens_per_s": b.tokens / b_s,
-            "baseline_GBps": b.tokens * token_bytes / b_s / 1e9,
-            "ratio": ratio,
+            "baseline_tokens_per_s": tokens_per_s(b, stat),
+            "baseline_GBps": b_gbps,
+            "ratio": r,
             "target": target,
-            "met": None if target is None else ratio >= target,
+            "met": None if target is None else r >= target,
             "rounds": rounds,
             "stat": stat,
             f"proj_{stat}_s": proj_s,

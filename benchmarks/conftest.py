@@ -14,6 +14,7 @@ import pytest
 
 import _bench
 import kvcache
+from kvcache._benchkit import CopyLimit, NumpyCache
 
 RESULTS_DIR = Path(__file__).parent / ".results"
 
@@ -43,13 +44,13 @@ def fresh_cache(cache):
 @pytest.fixture(scope="session")
 def numpy_cache():
     """The hand-written preallocated numpy cache (1 GiB)."""
-    return _bench.NumpyCache()
+    return NumpyCache(_bench.N_LAYERS, _bench.N_HEADS, _bench.HEAD_DIM, _bench.MAX_SEQ_LEN)
 
 
 @pytest.fixture(scope="session")
 def limit_buffer():
     """The copy limit's destination, as large as the cache's arenas (1 GiB)."""
-    return _bench.LimitBuffer()
+    return CopyLimit(_bench.N_LAYERS, _bench.N_HEADS, _bench.HEAD_DIM, _bench.MAX_SEQ_LEN)
 
 
 @pytest.fixture(scope="session")

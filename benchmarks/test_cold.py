@@ -3,7 +3,8 @@
 One tiered cache of CONTEXT positions a layer keeps HOT of them (a quarter)
 in RAM; older blocks of BLOCK positions are written to per-layer files in a
 private temporary directory (``cold_dir=None``: under /tmp) and read back
-from their memory mappings.  See _bench.py for the harness and the baselines.
+from their memory mappings.  See _bench.py and kvcache/_benchkit.py for the harness
+and the baselines.
 """
 import ctypes
 import mmap
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 
 import kvcache
-from _bench import (HEAD_DIM, LIMIT, MAX_SEQ_LEN, N_HEADS, N_LAYERS, NUMPY_COPY, ROW_BYTES,
-                    TOKEN_BYTES, CacheArena, Side, check_stored, limit_side, measure,
-                    whole_context_sides)
+from _bench import (HEAD_DIM, MAX_SEQ_LEN, N_HEADS, N_LAYERS, NUMPY_COPY, ROW_BYTES, TOKEN_BYTES,
+                    CacheArena, check_stored, measure, whole_context_sides)
+from kvcache._benchkit import LIMIT, Side
 
 CONTEXT = MAX_SEQ_LEN  # positions a layer holds: 1 GiB of keys and values over all layers
 HOT = CONTEXT // 4  # positions a layer keeps in RAM (256 MiB of arenas)
@@ -88,7 +89,7 @@ def test_spill_store_layers(benchmark, tiered_cache, limit_buffer, kv_inputs, ph
         benchmark, name=f"spill {phase} store_layers T={tokens}, hot {HOT}/{CONTEXT} (mean)",
         proj=Side("kvcache", lambda: cache.store_layers(k, v), tokens,
                   SpillArena(cache, *kv_inputs(BLOCK))),
-        baselines=[limit_side(limit_buffer, k, v, tokens)],
+        baselines=[limit_buffer.side(k, v)],
         # The issue's spill target, read like #2's store_layers target: prefill
         # steps.  Decode is reported beside it (README: what bounds it).
         targets={LIMIT: 0.6} if tokens == BLOCK else {}, stat="mean",

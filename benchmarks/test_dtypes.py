@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import kvcache
-from _bench import (HEAD_DIM, LIMIT, MAX_SEQ_LEN, N_HEADS, N_LAYERS, NUMPY_COPY, CacheArena, Side,
-                    limit_side, measure, whole_context_sides)
+from _bench import (HEAD_DIM, MAX_SEQ_LEN, N_HEADS, N_LAYERS, NUMPY_COPY, CacheArena, measure,
+                    whole_context_sides)
 from kvcache import _simd
+from kvcache._benchkit import LIMIT, Side
 
 REDUCED = ["float16", "bfloat16", "int8"]
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -58,7 +59,7 @@ def test_reduced_store_layers(benchmark, reduced_caches, limit_buffer, kv_inputs
     measure(
         benchmark, name=f"{phase} store_layers T={tokens} dtype={dtype}",
         proj=Side("kvcache", lambda: cache.store_layers(k, v), tokens, CacheArena(cache)),
-        baselines=[limit_side(limit_buffer, k, v, tokens)],
+        baselines=[limit_buffer.side(k, v)],
         targets={LIMIT: 1.2} if dtype == "float16" else {})
     _check_rounded(cache, k, dtype, tokens)
 

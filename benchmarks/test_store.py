@@ -1,13 +1,13 @@
 """Store benchmarks: store_batch, per-layer store() in decode, store_layers.
 
 Each step stores whole tokens (every layer's keys and values); see _bench.py
-for the harness and the baselines.
+and kvcache/_benchkit.py for the harness and the baselines.
 """
 import pytest
 
 import kvcache
-from _bench import (CORES, LIMIT, clock, N_LAYERS, CacheArena, Side, check_stored, limit_side,
-                    measure)
+from _bench import CORES, N_LAYERS, CacheArena, check_stored, measure
+from kvcache._benchkit import LIMIT, Side, clock
 
 NUMPY = "numpy cache"
 
@@ -29,7 +29,7 @@ def test_store_batch(benchmark, fresh_cache, numpy_cache, limit_buffer, kv_input
         proj=Side("kvcache", proj, tokens, CacheArena(cache)),
         baselines=[
             Side(NUMPY, lambda: numpy_cache.store_batch(ks, vs, tokens), tokens, numpy_cache),
-            limit_side(limit_buffer, k, v, tokens),
+            limit_buffer.side(k, v),
         ])
     check_stored(cache, k, v, tokens)
 
@@ -62,7 +62,7 @@ def test_store_layers_vs_limit(benchmark, fresh_cache, limit_buffer, kv_inputs, 
     measure(
         benchmark, name=f"{phase} store_layers T={tokens} threads={cache.threads}",
         proj=Side("kvcache", lambda: cache.store_layers(k, v), tokens, CacheArena(cache)),
-        baselines=[limit_side(limit_buffer, k, v, tokens)],
+        baselines=[limit_buffer.side(k, v)],
         targets={LIMIT: target})
     check_stored(cache, k, v, tokens)
 
@@ -85,7 +85,7 @@ def test_decode_store_layers_cadence(benchmark, fresh_cache, limit_buffer, kv_in
     cache = fresh_cache
     k, v = kv_inputs(1)
     work = _spin(CALLER_WORK_S)
-    limit = limit_side(limit_buffer, k, v, 1)
+    limit = limit_buffer.side(k, v)
     limit.enter = work
     measure(
         benchmark, name=f"decode store_layers T=1 threads={cache.threads}, 1 ms work between",

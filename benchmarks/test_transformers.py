@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, StaticCache  # noqa: E402
 
-from _bench import Arena, Side, measure  # noqa: E402
+from _bench import measure  # noqa: E402
+from kvcache._benchkit import Arena, Side  # noqa: E402
 from kvcache.integrations.transformers import TieredCache  # noqa: E402
 
 LAYERS, HEADS, DIM = 8, 8, 128

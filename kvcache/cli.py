@@ -13,11 +13,11 @@ import os
 import platform
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 import kvcache
+from kvcache._benchkit import CopyLimit, Interleaved, NumpyCache, Side, ratio, tokens_per_s
 from kvcache.config import DTYPES, CacheConfig, usable_cores
 
 PREFILL_T = 256  # tokens per store_layers call in the prefill rows
@@ -29,29 +29,6 @@ class CLIError(Exception):
 
 
 # -- bench ----------------------------------------------------------------------------
-class _NumpyCache:
-    """The hand-written baseline: preallocated per-layer arrays, slice assignment."""
-
-    def __init__(self, layers, context, heads, head_dim):
-        self.k = [np.ones((context, heads, head_dim), np.float32) for _ in range(layers)]
-        self.v = [np.ones((context, heads, head_dim), np.float32) for _ in range(layers)]
-        self.pos = 0
-
-    def store_decode(self, k, v):  # one token, every layer (k: [layers, 1, H, D])
-        p = self.pos
-        for layer in range(len(self.k)):
-            self.k[layer][p] = k[layer, 0]
-            self.v[layer][p] = v[layer, 0]
-        self.pos = p + 1
-
-    def store_prefill(self, k, v):  # T tokens, every layer (k: [layers, T, H, D])
-        p, T = self.pos, k.shape[1]
-        for layer in range(len(self.k)):
-            self.k[layer][p:p + T] = k[layer]
-            self.v[layer][p:p + T] = v[layer]
-        self.pos = p + T
-
-
 def _block_tokens(hot):
     """A block size for a tiered cache of ``hot`` RAM positions (room for two blocks)."""
     block = math.gcd(hot, 256)
@@ -61,12 +38,16 @@ def _block_tokens(hot):
 
 
 class _Bench:
+    """The command's rows: a `Side` each, whose step fills (or reads) a context."""
+
     def __init__(self, a):
         self.a = a
         self.L, self.H, self.D, self.C = a.layers, a.kv_heads, a.head_dim, a.context
         self.token_bytes = 2 * self.L * self.H * self.D * 4  # float32 keys + values, every layer
+        self.T = min(PREFILL_T, self.C)  # tokens per prefill chunk
+        self.chunks = self.C // self.T  # prefill chunks a step
         rng = np.random.default_rng(0)
-        shape = (self.L, PREFILL_T, self.H, self.D)
+        shape = (self.L, self.T, self.H, self.D)  # C-contiguous: the limit copies flat views
         self.k = rng.standard_normal(shape, dtype=np.float32)
         self.v = rng.standard_normal(shape, dtype=np.float32)
         self.k1, self.v1 = self.k[:, :1], self.v[:, :1]
@@ -87,63 +68,49 @@ class _Bench:
         for c in self.caches:
             c.close()
 
-    def prefill(self, cache, T=PREFILL_T):
-        k, v = self.k[:, :T], self.v[:, :T]
-        for _ in range(self.C // T):
-            cache.store_layers(k, v)
-        return self.C // T * T
+    def prefill(self, cache):
+        for _ in range(self.chunks):
+            cache.store_layers(self.k, self.v)
+
+    def filling(self, name, cache):
+        """A row whose step prefills ``cache``'s context, emptied before (untimed)."""
+        return Side(name, lambda: self.prefill(cache), self.chunks * self.T, enter=cache.reset)
 
     def rows(self):
-        """[(name, fn, reset)]: fn() stores or reads and returns the tokens it handled."""
-        a, C = self.a, self.C
-        arena = np.empty((2, self.L, C, self.H, self.D), np.float32)
-        arena.fill(0)  # faulted in, like the cache's prefaulted arenas
-        T = min(PREFILL_T, C)
-
-        def limit():  # np.copyto of the same bytes into a preallocated buffer
-            for s in range(C // T):
-                np.copyto(arena[0, :, s * T:(s + 1) * T], self.k[:, :T])
-                np.copyto(arena[1, :, s * T:(s + 1) * T], self.v[:, :T])
-            return C // T * T
-
-        npc = _NumpyCache(self.L, C, self.H, self.D)
+        """The table's rows, the copy limit first; each step starts from an empty cache."""
+        a, C, T, n = self.a, self.C, self.T, self.decode_tokens
+        k, v = self.k, self.v
+        k0, v0 = k[:, 0], v[:, 0]  # one token, every layer: [layers, H, D]
+        limit = CopyLimit(self.L, self.H, self.D, C)
+        npc = NumpyCache(self.L, self.H, self.D, C)
 
         def numpy_prefill():
-            for _ in range(C // T):
-                npc.store_prefill(self.k[:, :T], self.v[:, :T])
-            return C // T * T
+            for _ in range(self.chunks):
+                npc.store_batch(k, v, T)
 
         def numpy_decode():
-            for _ in range(self.decode_tokens):
-                npc.store_decode(self.k1, self.v1)
-            return self.decode_tokens
-
-        def numpy_reset():
-            npc.pos = 0
+            for _ in range(n):
+                npc.store_one(k0, v0)
 
         main = self.cache(dtype=a.dtype)
 
         def store_decode():
-            k, v = self.k[:, 0], self.v[:, 0]
-            for _ in range(self.decode_tokens):
+            for _ in range(n):
                 for layer in range(self.L):
-                    main.store(layer, k[layer], v[layer])
-            return self.decode_tokens
+                    main.store(layer, k0[layer], v0[layer])
 
         def store_layers_decode():
-            for _ in range(self.decode_tokens):
+            for _ in range(n):
                 main.store_layers(self.k1, self.v1)
-            return self.decode_tokens
 
         reader = self.cache(dtype=a.dtype)
-        self.prefill(reader, T)
+        self.prefill(reader)
         outs = (np.empty((reader.seq_len, self.H, self.D), np.float32),
                 np.empty((reader.seq_len, self.H, self.D), np.float32))
 
         def get():
             for layer in range(self.L):
                 reader.get(layer, out=outs)
-            return reader.seq_len
 
         hot = a.hot_tokens if a.hot_tokens else max(2, C // 4)
         cold_dir = tempfile.mkdtemp(prefix="kvcache-bench-", dir=a.cold_dir) if a.cold_dir else None
@@ -152,33 +119,24 @@ class _Bench:
         self.cold_dir = cold_dir  # the cache removes its files on close, bench the directory
 
         rows = [
-            ("copy limit (np.copyto)", limit, None),
-            ("numpy cache, decode", numpy_decode, numpy_reset),
-            (f"numpy cache, prefill T={T}", numpy_prefill, numpy_reset),
-            ("store, decode", store_decode, main.reset),
-            (f"store_layers, prefill T={T}", lambda: self.prefill(main, T), main.reset),
-            ("store_layers, decode", store_layers_decode, main.reset),
-            ("get, whole context", get, None),
-            (f"spill, hot_tokens={hot}", lambda: self.prefill(spill, T), spill.reset),
+            limit.side(k, v, repeat=self.chunks, name="copy limit (np.copyto)"),
+            Side("numpy cache, decode", numpy_decode, n, enter=npc.reset),
+            Side(f"numpy cache, prefill T={T}", numpy_prefill, self.chunks * T, enter=npc.reset),
+            Side("store, decode", store_decode, n, enter=main.reset),
+            self.filling(f"store_layers, prefill T={T}", main),
+            Side("store_layers, decode", store_layers_decode, n, enter=main.reset),
+            Side("get, whole context", get, reader.seq_len),
+            self.filling(f"spill, hot_tokens={hot}", spill),
         ]
         for dt in DTYPES:
-            c = main if dt == a.dtype else self.cache(dtype=dt)
-            rows.append((f"store_layers {dt}", lambda c=c: self.prefill(c, T), c.reset))
+            rows.append(self.filling(f"store_layers {dt}",
+                                     main if dt == a.dtype else self.cache(dtype=dt)))
         return rows
 
     def measure(self, rows, rounds, bar):
-        """Median tokens/s of each row, rows interleaved in every round (same-run ratios)."""
-        times = {name: [] for name, _, _ in rows}
-        tokens = {}
-        for _ in range(rounds):
-            for name, fn, reset in rows:
-                if reset is not None:
-                    reset()
-                t0 = time.perf_counter()
-                tokens[name] = fn()
-                times[name].append(time.perf_counter() - t0)
-                bar.update(1)
-        return {name: tokens[name] / float(np.median(times[name])) for name in times}
+        """Median tokens/s of each row, the rows interleaved (B A | A B ...) in every round."""
+        Interleaved(rows).run(rounds, progress=lambda: bar.update(1))
+        return {s.name: tokens_per_s(s) for s in rows}
 
     def plot_rows(self):
         """The chart's batch-size sweep: store_batch of T tokens, layer after layer."""
@@ -190,8 +148,7 @@ class _Bench:
                 for _ in range(self.C // T):
                     for layer in range(self.L):
                         c.store_batch(layer, self.k[layer, :T], self.v[layer, :T])
-                return self.C // T * T
-            rows.append((f"store_batch T={T}", batch, c.reset))
+            rows.append(Side(f"store_batch T={T}", batch, self.C // T * T, enter=c.reset))
         return rows
 
 
@@ -264,10 +221,11 @@ def bench(a):
         total = a.rounds * (len(rows) + len(plot_rows) + 2 * len(backends))
         with tqdm(total=total, desc="bench", unit="run", leave=False, file=sys.stderr) as bar:
             rates = b.measure(rows + plot_rows, a.rounds, bar)
+            of_limit = {s.name: ratio(rows[0], s) for s in rows}  # before the SIMD rows re-run
             simd = {}
             if backends:
                 active = kvcache.simd_backend()
-                simd_rows = [r for r in rows if r[0].startswith(("store_layers, prefill", "get"))]
+                simd_rows = [r for r in rows if r.name.startswith(("store_layers, prefill", "get"))]
                 try:
                     for name in backends:
                         kvcache.set_simd_backend(name)
@@ -280,14 +238,14 @@ def bench(a):
         if b.cold_dir:
             os.rmdir(b.cold_dir)
 
-    limit = rates[rows[0][0]]
+    limit = rates[rows[0].name]
     print(f"{'':<30}{'tokens/s':>12}{'GB/s':>9}{'of limit':>10}")
     table = []
-    for name, _, _ in rows:
-        r = rates[name]
+    for row in rows:
+        name, r, frac = row.name, rates[row.name], of_limit[row.name]
         gbs = r * b.token_bytes / 1e9
-        table.append({"name": name, "tokens_per_s": r, "gb_s": gbs, "fraction_of_limit": r / limit})
-        print(f"{name:<30}{r:>12,.0f}{gbs:>9.2f}{r / limit:>9.2f}x")
+        table.append({"name": name, "tokens_per_s": r, "gb_s": gbs, "fraction_of_limit": frac})
+        print(f"{name:<30}{r:>12,.0f}{gbs:>9.2f}{frac:>9.2f}x")
     print("tokens/s: full-model tokens (every layer's keys and values); GB/s: their float32 "
           "bytes; limit: np.copyto of the same bytes into a preallocated buffer, same run")
     results = {"machine": _machine(), "shape": {"layers": a.layers, "kv_heads": a.kv_heads,
