@@ -9,6 +9,7 @@ import numpy as np
 
 cimport numpy as cnp
 from cpython.buffer cimport PyObject_CheckBuffer
+from cpython.number cimport PyIndex_Check
 
 from kvcache._codec cimport FMT_F32, FMT_F16, FMT_BF16
 
@@ -107,3 +108,61 @@ cdef Py_ssize_t check_rows(cnp.ndarray a, str name, int ndim, Py_ssize_t n_heads
         raise ValueError(f"{name}: expected the last two dimensions [{n_heads}, {head_dim}] to be "
                          f"C-contiguous, got strides {(<object>a).strides}")
     return shape[0] if nd > 2 else 1
+
+
+cdef int same_kind(cnp.ndarray k, cnp.ndarray v) except -1:
+    """The row format of keys and values of one dtype, else TypeError."""
+    if array_kind(k) != array_kind(v):
+        raise TypeError(f"values: expected the dtype of keys ({k.dtype}), got {v.dtype}")
+    return array_kind(k)
+
+
+cdef int check_tokens(Py_ssize_t n_keys, Py_ssize_t n_values) except -1:
+    """Keys and values of the same number (> 0) of tokens, else ValueError."""
+    if n_keys == 0 or n_values == 0:
+        raise ValueError(f"{'keys' if n_keys == 0 else 'values'}: expected at least one token, got 0")
+    if n_values != n_keys:
+        raise ValueError(f"values: expected {n_keys} tokens like keys, got {n_values}")
+    return 0
+
+
+cdef int check_flag(str name, object value) except -1:
+    """A get() flag that is a bool, else TypeError."""
+    if not isinstance(value, (bool, np.bool_)):  # copy="False" or None must not pick a mode
+        raise TypeError(f"get: {name} expected a bool, got {type(value).__name__}")
+    return 0
+
+
+cdef Py_ssize_t position(str name, object value, Py_ssize_t length, Py_ssize_t default) except? -1:
+    """A get() position like a slice bound (None: ``default``; negative from the
+    end), else TypeError / IndexError: out-of-range values are not clipped."""
+    if value is None:
+        return default
+    if not PyIndex_Check(value) or isinstance(value, bool):
+        raise TypeError(f"get: {name} expected an int or None, got {type(value).__name__}")
+    cdef Py_ssize_t p
+    try:
+        p = value
+    except OverflowError:
+        raise IndexError(f"get: {name}={value} is outside the {length} positions stored") from None
+    if p < 0:
+        p += length
+    if p < 0 or p > length:
+        raise IndexError(f"get: {name}={value} is outside the {length} positions stored")
+    return p
+
+
+cdef tuple check_out(object out, Py_ssize_t n, Py_ssize_t n_heads, Py_ssize_t head_dim):
+    """get()'s ``out=``: a pair of writable, non-overlapping float32 ``[n, n_heads,
+    head_dim]`` arrays, else TypeError / ValueError."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(f"out: expected a (keys_out, values_out) pair, got {type(out).__name__}")
+    cdef cnp.ndarray ko = as_array(out[0], "out[0]", True)
+    cdef cnp.ndarray vo = as_array(out[1], "out[1]", True)
+    for name, a in (("out[0]", ko), ("out[1]", vo)):
+        if check_rows(a, name, 3, n_heads, head_dim) != n:
+            raise ValueError(f"{name}: expected shape [{n}, {n_heads}, {head_dim}], "
+                             f"got {list((<object>a).shape)}")
+    if n and np.may_share_memory(ko, vo):
+        raise ValueError("out: keys_out and values_out overlap")
+    return ko, vo

@@ -30,6 +30,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import Dict, List
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +42,7 @@ clock = time.perf_counter  # pytest-benchmark's default timer too
 
 LIMIT = "limit (np.copyto)"  # the copy limit's name in the suite's tables
 
-STATS = {"median": statistics.median, "mean": statistics.fmean}
+STATS: Dict[str, Callable[[List[float]], float]] = {"median": statistics.median, "mean": statistics.fmean}
 
 
 # -- what the sides fill ----------------------------------------------------------------
@@ -339,7 +340,7 @@ class Interleaved:
             If a round needs more positions than an arena holds.
         """
         self.round += 1
-        need = {}
+        need: Dict[int, list] = {}
         for s in self.sides:
             if s.arena is not None:
                 need.setdefault(id(s.arena), [s.arena, 0])[1] += s.tokens

@@ -7,7 +7,6 @@ error record that kvcache._status.raise_error turns into the exception.
 Must not touch: blocks, slots or file bytes (the engine's and the format's).
 See README.md, "Thread safety", for the concurrency contract.
 """
-import dataclasses
 import os
 import threading
 
@@ -16,17 +15,17 @@ import numpy as np
 cimport numpy as cnp
 from cpython.number cimport PyIndex_Check
 
-from kvcache._arrays cimport array_kind, as_array, check_rows
+from kvcache._arrays cimport as_array, check_flag, check_out, check_rows, check_tokens, position, same_kind
 from kvcache._ckvc cimport KVC_OK, KVC_E_CLOSED, kvc_error, kvc_error_clear
 from kvcache._codec cimport FMT_F32, Rows
 from kvcache._codec import DTYPES, unpack_rows
 from kvcache._cold import ColdStore
-from kvcache._format import INDEX_CONFIG_FIELDS, check_size, file_name, index_entry, read_index
+from kvcache._format import check_size, file_name, index_entry, read_index
 from kvcache._hot cimport HotTier
 from kvcache._hot import STAT_NAMES
 from kvcache._simd cimport simd_ops
 from kvcache._status cimport check_status, raise_error
-from kvcache.config import CacheConfig, usable_cores
+from kvcache.config import CacheConfig, check_fits_in_ram, reopened_config, usable_cores
 from kvcache.errors import CacheClosedError
 
 cnp.import_array()
@@ -92,7 +91,7 @@ cdef class TieredKVCache:
         self.head_dim = config.head_dim
         arena = 2 * config.n_layers * config.hot_capacity * config.row_bytes
         if config.prefault:
-            _check_fits_in_ram(arena)
+            check_fits_in_ram(arena)
         self.hot = HotTier(config, prefault=config.prefault,
                            threads=config.threads if config.threads is not None else usable_cores())
         self.durable = [0] * self.n_layers
@@ -165,32 +164,8 @@ cdef class TieredKVCache:
         """
         if not isinstance(cold_dir, (str, os.PathLike)):
             raise TypeError(f"TieredKVCache.open: cold_dir expected a path, got {type(cold_dir).__name__}")
-        if overrides.get("persist", True) is not True:
-            raise ValueError(f"TieredKVCache.open: a reopened cache always persists, "
-                             f"got persist={overrides['persist']!r}")
         index = read_index(cold_dir)
-        stored = index["config"]
-        for name in ("n_layers", "n_kv_heads", "head_dim", "block_tokens"):
-            if name in overrides and overrides[name] != stored[name]:
-                raise ValueError(f"TieredKVCache.open: {os.fspath(cold_dir)} holds {name}={stored[name]!r}, "
-                                 f"got {name}={overrides[name]!r}")
-        files = stored["cold_dtype"] or stored["dtype"]
-        asked = overrides.get("cold_dtype", stored["cold_dtype"]) or overrides.get("dtype", stored["dtype"])
-        if asked != files:
-            raise ValueError(f"TieredKVCache.open: {os.fspath(cold_dir)} holds {files} cold files, "
-                             f"got dtype/cold_dtype asking for {asked}")
-        fields = {f.name for f in dataclasses.fields(CacheConfig)}
-        unknown = set(overrides) - fields
-        if unknown:
-            raise TypeError(f"TieredKVCache.open: unknown config fields {sorted(unknown)}")
-        args = {name: stored[name] for name in INDEX_CONFIG_FIELDS}
-        args.update(overrides)
-        args.update(cold_dir=cold_dir, persist=True)
-        longest = max([entry["length"] for entry in index["layers"]] + [0])
-        if args["max_seq_len"] < longest:
-            raise ValueError(f"TieredKVCache.open: max_seq_len={args['max_seq_len']} is below the "
-                             f"{longest} positions stored")
-        return cls(CacheConfig(**args), _index=index)
+        return cls(reopened_config(index, cold_dir, overrides), _index=index)
 
     # -- lifetime ---------------------------------------------------------
     def close(self):
@@ -256,10 +231,10 @@ cdef class TieredKVCache:
         cdef Py_ssize_t l = self._layer(layer)
         cdef cnp.ndarray k = as_array(keys, "keys", False, True)
         cdef cnp.ndarray v = as_array(values, "values", False, True)
-        cdef int kind = _same_kind(k, v)
+        cdef int kind = same_kind(k, v)
         cdef Py_ssize_t n = check_rows(k, "keys", 3, self.n_heads, self.head_dim, not batch)
         cdef Py_ssize_t nv = check_rows(v, "values", 3, self.n_heads, self.head_dim, not batch)
-        _check_tokens(n, nv)
+        check_tokens(n, nv)
         k, v = _unaliased(self.hot, k), _unaliased(self.hot, v)
         cdef Rows src = _rows(k, v, 0, 3)
         cdef kvc_error rec
@@ -309,14 +284,14 @@ cdef class TieredKVCache:
         self._check_open()
         cdef cnp.ndarray k = as_array(keys, "keys", False, True)
         cdef cnp.ndarray v = as_array(values, "values", False, True)
-        cdef int kind = _same_kind(k, v)
+        cdef int kind = same_kind(k, v)
         check_rows(k, "keys", 4, self.n_heads, self.head_dim)
         check_rows(v, "values", 4, self.n_heads, self.head_dim)
         if k.shape[0] != self.n_layers or v.shape[0] != self.n_layers:
             raise ValueError(f"keys/values: expected {self.n_layers} layers on axis 0, "
                              f"got {k.shape[0]} and {v.shape[0]}")
         cdef Py_ssize_t n = k.shape[1]
-        _check_tokens(n, v.shape[1])
+        check_tokens(n, v.shape[1])
         k, v = _unaliased(self.hot, k), _unaliased(self.hot, v)
         cdef Rows src = _rows(k, v, 1, 4)
         cdef Py_ssize_t k_layer_step = cnp.PyArray_STRIDE(k, 0), v_layer_step = cnp.PyArray_STRIDE(v, 0)
@@ -389,11 +364,11 @@ cdef class TieredKVCache:
         """
         self._check_open()
         cdef Py_ssize_t l = self._layer(layer)
-        _check_flag("copy", copy)
-        _check_flag("raw", raw)
+        check_flag("copy", copy)
+        check_flag("raw", raw)
         cdef Py_ssize_t length = self._length(l)
-        cdef Py_ssize_t a = _position("start", start, length, 0)
-        cdef Py_ssize_t b = _position("stop", stop, length, length)
+        cdef Py_ssize_t a = position("start", start, length, 0)
+        cdef Py_ssize_t b = position("stop", stop, length, length)
         if a > b:
             raise ValueError(f"get: expected start <= stop, got start={a} > stop={b}")
         cdef Py_ssize_t n = b - a
@@ -422,7 +397,7 @@ cdef class TieredKVCache:
             ko = cnp.PyArray_EMPTY(3, dims, cnp.NPY_FLOAT32, 0)
             vo = cnp.PyArray_EMPTY(3, dims, cnp.NPY_FLOAT32, 0)
         else:
-            ko, vo = self._check_out(out, n)
+            ko, vo = check_out(out, n, self.n_heads, self.head_dim)
         if n == 0:
             return (ko, vo) if out is None else out
         dst = _rows(ko, vo, 0, 3)
@@ -470,19 +445,6 @@ cdef class TieredKVCache:
         fmt = self.config.dtype
         return (unpack_rows(kb, fmt, self.n_heads, self.head_dim),
                 unpack_rows(vb, fmt, self.n_heads, self.head_dim))
-
-    cdef tuple _check_out(self, object out, Py_ssize_t n):
-        if not isinstance(out, (tuple, list)) or len(out) != 2:
-            raise TypeError(f"out: expected a (keys_out, values_out) pair, got {type(out).__name__}")
-        cdef cnp.ndarray ko = as_array(out[0], "out[0]", True)
-        cdef cnp.ndarray vo = as_array(out[1], "out[1]", True)
-        for name, a in (("out[0]", ko), ("out[1]", vo)):
-            if check_rows(a, name, 3, self.n_heads, self.head_dim) != n:
-                raise ValueError(f"{name}: expected shape [{n}, {self.n_heads}, {self.head_dim}], "
-                                 f"got {list((<object>a).shape)}")
-        if n and np.may_share_memory(ko, vo):
-            raise ValueError("out: keys_out and values_out overlap")
-        return ko, vo
 
     # -- positions --------------------------------------------------------
     @property
@@ -676,12 +638,6 @@ cdef class TieredKVCache:
         self.hot.threads = _positive_int("threads", value, high=MAX_THREADS)
 
 
-cdef int _same_kind(cnp.ndarray k, cnp.ndarray v) except -1:
-    if array_kind(k) != array_kind(v):
-        raise TypeError(f"values: expected the dtype of keys ({k.dtype}), got {v.dtype}")
-    return array_kind(k)
-
-
 cdef cnp.ndarray _unaliased(HotTier hot, cnp.ndarray a):
     """``a``, or a copy of it if it views the cache's own memory (``get(copy=False)``):
     a store into rows that it is still reading would read what it has just written."""
@@ -697,46 +653,3 @@ cdef cnp.ndarray _unaliased(HotTier hot, cnp.ndarray a):
             hi += extent
     hi += cnp.PyArray_ITEMSIZE(a)
     return np.array(a, order="C") if hot.overlaps(lo, hi) else a
-
-
-cdef inline int _check_tokens(Py_ssize_t n_keys, Py_ssize_t n_values) except -1:
-    if n_keys == 0 or n_values == 0:
-        raise ValueError(f"{'keys' if n_keys == 0 else 'values'}: expected at least one token, got 0")
-    if n_values != n_keys:
-        raise ValueError(f"values: expected {n_keys} tokens like keys, got {n_values}")
-    return 0
-
-
-cdef int _check_flag(str name, object value) except -1:
-    if not isinstance(value, (bool, np.bool_)):  # copy="False" or None must not pick a mode
-        raise TypeError(f"get: {name} expected a bool, got {type(value).__name__}")
-    return 0
-
-
-cdef Py_ssize_t _position(str name, object value, Py_ssize_t length, Py_ssize_t default) except? -1:
-    if value is None:
-        return default
-    if not PyIndex_Check(value) or isinstance(value, bool):
-        raise TypeError(f"get: {name} expected an int or None, got {type(value).__name__}")
-    cdef Py_ssize_t p
-    try:
-        p = value
-    except OverflowError:
-        raise IndexError(f"get: {name}={value} is outside the {length} positions stored") from None
-    if p < 0:
-        p += length
-    if p < 0 or p > length:
-        raise IndexError(f"get: {name}={value} is outside the {length} positions stored")
-    return p
-
-
-def _check_fits_in_ram(arena_bytes):
-    import os
-    try:
-        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return
-    if arena_bytes > ram:
-        raise MemoryError(
-            f"the hot tier needs {arena_bytes / 2**30:.1f} GiB but this machine has "
-            f"{ram / 2**30:.1f} GiB of RAM; lower hot_tokens or max_seq_len, or pass prefault=False")

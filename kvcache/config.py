@@ -1,6 +1,7 @@
 """CacheConfig: the shape and budgets of a cache, validated on construction."""
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import operator
 import os
@@ -251,3 +252,46 @@ class CacheConfig:
     def token_bytes(self) -> int:
         """Bytes of one token's keys and values over every layer, in the hot tier."""
         return 2 * self.n_layers * self.row_bytes
+
+
+def check_fits_in_ram(arena_bytes):
+    """MemoryError if prefaulted arenas of ``arena_bytes`` exceed this machine's RAM."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if arena_bytes > ram:
+        raise MemoryError(
+            f"the hot tier needs {arena_bytes / 2**30:.1f} GiB but this machine has "
+            f"{ram / 2**30:.1f} GiB of RAM; lower hot_tokens or max_seq_len, or pass prefault=False")
+
+
+def reopened_config(index, cold_dir, overrides):
+    """The CacheConfig of a persisted cache being reopened: its index's fields with
+    ``overrides`` (TieredKVCache.open's keywords) applied, checked against its files."""
+    from kvcache._format import INDEX_CONFIG_FIELDS
+    if overrides.get("persist", True) is not True:
+        raise ValueError(f"TieredKVCache.open: a reopened cache always persists, "
+                         f"got persist={overrides['persist']!r}")
+    stored = index["config"]
+    for name in ("n_layers", "n_kv_heads", "head_dim", "block_tokens"):
+        if name in overrides and overrides[name] != stored[name]:
+            raise ValueError(f"TieredKVCache.open: {os.fspath(cold_dir)} holds {name}={stored[name]!r}, "
+                             f"got {name}={overrides[name]!r}")
+    files = stored["cold_dtype"] or stored["dtype"]
+    asked = overrides.get("cold_dtype", stored["cold_dtype"]) or overrides.get("dtype", stored["dtype"])
+    if asked != files:
+        raise ValueError(f"TieredKVCache.open: {os.fspath(cold_dir)} holds {files} cold files, "
+                         f"got dtype/cold_dtype asking for {asked}")
+    fields = {f.name for f in dataclasses.fields(CacheConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"TieredKVCache.open: unknown config fields {sorted(unknown)}")
+    args = {name: stored[name] for name in INDEX_CONFIG_FIELDS}
+    args.update(overrides)
+    args.update(cold_dir=cold_dir, persist=True)
+    longest = max([entry["length"] for entry in index["layers"]] + [0])
+    if args["max_seq_len"] < longest:
+        raise ValueError(f"TieredKVCache.open: max_seq_len={args['max_seq_len']} is below the "
+                         f"{longest} positions stored")
+    return CacheConfig(**args)
