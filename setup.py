@@ -11,7 +11,7 @@ Environment knobs (all optional):
                         UBSan finding aborts) and -fno-wrapv (so that signed
                         overflow is reported).  Python itself is not
                         instrumented: run it with the sanitizer runtime
-                        preloaded, as .ci/sanitize does (README: Sanitizers).
+                        preloaded, as .ci/sanitize does (docs/development.md: Sanitizers).
 """
 import os
 import sysconfig

@@ -5,7 +5,7 @@ Owns: checking what callers pass (with the GIL), the cache's lifetime
 happen in kvcache._hot, without the GIL; a failed native call fills an
 error record that kvcache._status.raise_error turns into the exception.
 Must not touch: blocks, slots or file bytes (the engine's and the format's).
-See README.md, "Thread safety", for the concurrency contract.
+See docs/reliability.md, "Threads", for the concurrency contract.
 """
 import os
 import threading
@@ -608,7 +608,8 @@ cdef class TieredKVCache:
         ``tokens_stored`` / ``tokens_read`` count token rows summed over layers
         (a ``store_layers`` of T tokens adds ``n_layers * T``); ``bytes_*``
         count key and value bytes; ``hot_hits`` / ``cold_hits`` split the rows
-        read by the tier that served them; ``evictions`` / ``promotions``
+        read by the tier holding them when the read found them (a cold block
+        that a read promotes to RAM counts as cold); ``evictions`` / ``promotions``
         count rows moved out of / back into RAM (``eviction_blocks`` /
         ``promotion_blocks`` the blocks); ``bytes_to_cold`` /
         ``bytes_from_cold`` the token bytes written to / copied out of the

@@ -79,7 +79,7 @@ def test_int8_zero_rows_give_zero_scale_and_exact_zeros():
 @settings(max_examples=200, deadline=None)
 @given(hnp.arrays(np.float32, (2, H, D), elements=st.floats(-2.0 ** 126, 2.0 ** 126, width=32)))
 def test_int8_error_is_at_most_half_a_step(x):
-    # (within a rounding of FLT_MAX, 127 * scale may round up to inf: README)
+    # (within a rounding of FLT_MAX, 127 * scale may round up to inf: docs/reliability.md)
     with make("int8") as c:
         c.store_batch(0, x, x)
         k, _ = c.get(0)
