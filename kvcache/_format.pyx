@@ -44,11 +44,6 @@ def file_names(n_layers):
     return [file_name(l, kind) for l in range(n_layers) for kind in range(2)]
 
 
-def position_offset(pos, row_bytes):
-    """Where position ``pos`` starts in a cold file (``row_offset`` for Python)."""
-    return row_offset(pos, row_bytes)
-
-
 def file_bytes(length, row_bytes):
     """The smallest size of a cold file holding ``length`` positions."""
     return row_offset(length, row_bytes)

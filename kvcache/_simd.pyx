@@ -8,7 +8,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport uint32_t, uintptr_t
 from kvcache._ckvc cimport (
     KVC_N_BACKENDS, kvc_simd, kvc_simd_init, kvc_simd_force, kvc_simd_available,
-    KVC_VECTOR, kvc_simd_best, kvc_simd_name, kvc_simd_from_name, kvc_simd_copy_fn, kvc_copy_fn,
+    KVC_VECTOR, kvc_simd_name, kvc_simd_from_name, kvc_simd_copy_fn, kvc_copy_fn,
     kvc_simd_crc32c_fn, kvc_crc32c_fn, kvc_simd_add_rows_fn, kvc_add_rows_fn,
     kvc_simd_cvt_fn, kvc_cvt_fn, kvc_simd_quant_fn, kvc_quant_fn, kvc_simd_dequant_fn,
     kvc_dequant_fn, KVC_CVT_F32_F16, KVC_CVT_F16_F32, KVC_CVT_F32_BF16, KVC_CVT_BF16_F32,
