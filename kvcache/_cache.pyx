@@ -20,7 +20,7 @@ from kvcache._ckvc cimport KVC_OK, KVC_E_CLOSED, kvc_error, kvc_error_clear
 from kvcache._codec cimport FMT_F32, Rows
 from kvcache._codec import DTYPES, unpack_rows
 from kvcache._cold import ColdStore
-from kvcache._format import check_size, file_name, index_entry, read_index
+from kvcache._format import INDEX_NAME, check_size, file_name, index_bytes, index_entry, read_index
 from kvcache._hot cimport HotTier
 from kvcache._hot import STAT_NAMES
 from kvcache._simd cimport simd_ops
@@ -73,7 +73,7 @@ cdef class TieredKVCache:
     cdef HotTier hot
     cdef object cold        # ColdStore, or None while every position is in RAM and no view was asked
     cdef list durable       # persist: per-layer lengths the last index records
-    cdef list written       # persist: the layers' entries in the last index written or read
+    cdef bytes written      # persist: the bytes of the last index written or read
     cdef object index_lock  # serialises flush and close (the index's writers)
     cdef Py_ssize_t n_layers, n_heads, head_dim
 
@@ -127,7 +127,8 @@ cdef class TieredKVCache:
             if self.hot.restore(l, length, entry["rows"], entry["crc_k"], entry["crc_v"], &rec) != KVC_OK:
                 self._fail(&rec, "open")
             self.durable[l] = length
-        self.written = list(index["layers"])
+        with open(os.path.join(self.cold.path, INDEX_NAME), "rb") as f:  # the directory is locked
+            self.written = f.read()
 
     @classmethod
     def open(cls, cold_dir, **overrides):
@@ -538,10 +539,11 @@ cdef class TieredKVCache:
                     self._fail(&rec, "flush")
                 table = self.hot.block_table(l)
             layers.append(index_entry(table[0], table[1], self.config.block_tokens))
-        if layers != self.written:
+        data = index_bytes(self.config, layers)
+        if data != self.written:
             self.cold.fsync()
             self.cold.write_index(layers)
-            self.written = layers
+            self.written = data
         self.durable = [entry["length"] for entry in layers]
         if failed.code != KVC_OK:
             self._fail(&failed, "close")

@@ -146,7 +146,9 @@ cdef int load_block(Tier *t, HotLayer *L, Py_ssize_t b, Py_ssize_t cursor, kvc_e
     if status == KVC_OK:
         status = convert_pair(t.ops, True, &t.cold_fmt, cold_rows(t, L, b * t.block_tokens),
                               &t.hot_fmt, slot_rows(t, L, blk.slot, 0), rows)
-        if status != KVC_OK:
+        if status != KVC_OK:  # the slot holds part of a copy: give it back, the block stays cold
+            L.owner[blk.slot] = -1
+            blk.slot = -1
             return kvc_fail(e, status, L.index, b)
     if status != KVC_OK:
         return status

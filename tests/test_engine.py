@@ -253,3 +253,16 @@ def test_the_dtype_and_policy_tables_are_the_only_definitions():
     assert c.row_bytes == row_bytes("int8", 3, 5) == 4 * 3 + 16  # scales, then 15 values padded to 16
     # the codes are what cold headers record
     assert [d.code for d in DTYPES.values()] == [0, 1, 2, 3]
+
+
+def test_a_reopen_with_overrides_records_them_at_close(tmp_path):
+    d = tmp_path / "c"
+    with kvcache.TieredKVCache(**SHAPE, max_seq_len=16, block_tokens=4, cold_dir=d, persist=True) as c:
+        c.store_layers(rows(6, layers=SHAPE["n_layers"]), rows(6, layers=SHAPE["n_layers"]))
+    index = (d / "index.json").read_bytes()
+    kvcache.TieredKVCache.open(d).close()  # unchanged: the same bytes, not rewritten
+    assert (d / "index.json").read_bytes() == index
+    kvcache.TieredKVCache.open(d, max_seq_len=32, eviction_policy="adaptive").close()
+    with kvcache.TieredKVCache.open(d) as c:
+        assert (c.config.max_seq_len, c.config.eviction_policy) == (32, "adaptive")
+        assert c.seq_len == 6
