@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import kvcache
-from conftest import SHAPE, rows
+from helpers import SHAPE, rows
 from isolate import isolated, isolated_call
 from reference import BF16, f16_to_f32, roundtrip
 

@@ -3,19 +3,9 @@ import numpy as np
 import pytest
 
 import kvcache
-from conftest import SHAPE, rows
+from helpers import SHAPE, contents, rows
 
 L, H, D = SHAPE["n_layers"], SHAPE["n_kv_heads"], SHAPE["head_dim"]
-
-
-def snapshot(c):
-    return [tuple(a.copy() for a in c.get(l)) for l in range(c.config.n_layers)]
-
-
-def assert_same(a, b):
-    assert len(a) == len(b)
-    for (ka, va), (kb, vb) in zip(a, b):
-        assert ka.tobytes() == kb.tobytes() and va.tobytes() == vb.tobytes()
 
 
 def test_store_one_token_and_batches(cache):
@@ -168,13 +158,13 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("method", ["store", "store_batch"])
 def test_bad_inputs_raise_and_change_nothing(cache, bad, exc, match, method):
     cache.store_layers(rows(2, layers=L), rows(2, layers=L, seed=1))
-    before = snapshot(cache)
+    before = contents(cache)
     k = rows(3, seed=20)
     with pytest.raises(exc, match=match):
         getattr(cache, method)(1, bad(k), k)
     with pytest.raises(exc, match=match.replace("keys", "values")):
         getattr(cache, method)(1, k, bad(k))
-    assert_same(snapshot(cache), before)
+    assert contents(cache) == before
 
 
 def test_mismatched_keys_and_values(cache):
@@ -220,19 +210,19 @@ def test_numpy_integer_layer(cache):
 def test_overflow_raises_cache_full_and_keeps_data():
     with kvcache.TieredKVCache(max_seq_len=8, **SHAPE) as c:
         c.store(0, rows(6), rows(6, seed=1))
-        before = snapshot(c)
+        before = contents(c)
         with pytest.raises(kvcache.CacheFullError,
                            match=r"layer 0 holds 6 positions; 3 more would exceed max_seq_len=8"):
             c.store(0, rows(3), rows(3))
         assert isinstance(kvcache.CacheFullError(), ValueError)
-        assert_same(snapshot(c), before)
+        assert contents(c) == before
         c.store(0, rows(2, seed=5), rows(2, seed=6))   # exactly full is fine
         assert c.layer_len(0) == 8
         # store_layers is all or nothing: layer 0 is full, so layers 1 and 2 get nothing either.
-        before = snapshot(c)
+        before = contents(c)
         with pytest.raises(kvcache.CacheFullError, match="layer 0 holds 8 positions; 1 more"):
             c.store_layers(rows(1, layers=L), rows(1, layers=L))
-        assert_same(snapshot(c), before)
+        assert contents(c) == before
         assert c.stats()["tokens_stored"] == 8
 
 

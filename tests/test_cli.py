@@ -1,13 +1,12 @@
 """The kvcache command (kvcache.cli), each subcommand in a subprocess."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import kvcache
+from helpers import flip_bits, run_python
 from kvcache._format import HEADER_SIZE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(kvcache.__file__)))
@@ -21,9 +20,8 @@ def run(*args, path_first=None):
     ``path_first``: a directory searched for modules before everything else."""
     path = [str(path_first)] if path_first else []
     path += [ROOT, os.environ.get("PYTHONPATH", "")]
-    p = subprocess.run([sys.executable, "-m", "kvcache", *map(str, args)], capture_output=True,
-                       text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(path)),
-                       cwd=ROOT, timeout=120)
+    p = run_python("-m", "kvcache", *args, ok=False, env=dict(os.environ, PYTHONPATH=os.pathsep.join(path)),
+                   cwd=ROOT, timeout=120)
     assert "Traceback" not in p.stderr, p.stderr
     return p.returncode, p.stdout, p.stderr
 
@@ -43,8 +41,7 @@ ROWS = ["copy limit (np.copyto)", "numpy cache, decode", "numpy cache, prefill T
 
 def test_import_kvcache_does_not_import_the_command():
     code = "import sys, kvcache; assert not {'kvcache.cli', 'tqdm', 'matplotlib'} & set(sys.modules)"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
-                   env=dict(os.environ, PYTHONPATH=ROOT))
+    run_python("-c", code, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
 
 
 def test_bench_prints_every_row_and_writes_json(tmp_path):
@@ -134,9 +131,7 @@ def test_inspect_verify_finds_a_flipped_byte(tmp_path):
     assert "verify: OK, 32 block checksums match" in out
     row_bytes = 2 * 4 * 4
     path = d / "layer0001.values"
-    data = bytearray(path.read_bytes())
-    data[HEADER_SIZE + 5 * row_bytes + 3] ^= 1  # position 5: block 1
-    path.write_bytes(bytes(data))
+    flip_bits(path, HEADER_SIZE + 5 * row_bytes + 3, 1)  # position 5: block 1
     rc, out, err = run("inspect", d, "--verify")
     assert rc == 1
     line = one_line(err)

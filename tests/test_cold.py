@@ -7,22 +7,10 @@ import numpy as np
 import pytest
 
 import kvcache
-from conftest import SHAPE, rows
+from helpers import SHAPE, fill, flip_bits, rows, tiered
 
 L, H, D = SHAPE["n_layers"], SHAPE["n_kv_heads"], SHAPE["head_dim"]
 ROW = H * D * 4  # bytes of one position's keys (or values) in one layer
-
-
-def tiered(**kw):
-    args = dict(max_seq_len=64, hot_tokens=16, block_tokens=4, **SHAPE)
-    args.update(kw)
-    return kvcache.TieredKVCache(**args)
-
-
-def fill(c, n, seed=0):
-    k, v = rows(n, layers=L, seed=seed), rows(n, layers=L, seed=seed + 1)
-    c.store_layers(k, v)
-    return k, v
 
 
 def test_a_context_longer_than_ram_keeps_every_token():
@@ -141,11 +129,7 @@ def test_a_corrupted_cold_block_raises_naming_file_and_block(tmp_path):
     with tiered(cold_dir=tmp_path / "c", promote_on_read=False) as c:
         fill(c, 40)
         path = tmp_path / "c" / "layer0001.values"
-        with open(path, "r+b") as f:
-            f.seek(4096 + 9 * ROW + 3)  # position 9: block 2
-            b = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([b[0] ^ 0x10]))
+        flip_bits(path, 4096 + 9 * ROW + 3, 0x10)  # position 9: block 2
         c.get(1, 0, 8)  # blocks 0 and 1 are intact
         with pytest.raises(kvcache.CorruptionError, match="block 2 .*layer 1") as exc:
             c.get(1, 8, 12)

@@ -6,8 +6,6 @@ spells out because numpy on AArch64 converts in hardware, quieting signalling
 NaNs), and against the scalar oracle.  tests/c checks the same
 kernels over wider grids, natively and under qemu for NEON.
 """
-import os
-
 import ml_dtypes
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import kvcache
+from helpers import DETERMINISTIC
 from kvcache import _simd
 from reference import f16_to_f32, f32_to_f16
 
@@ -23,7 +22,6 @@ BACKENDS = kvcache.available_backends()
 BF16 = ml_dtypes.bfloat16
 OUT = {"f32_f16": np.float16, "f16_f32": np.float32, "f32_bf16": np.uint16, "bf16_f32": np.float32}
 SRC = {"f32_f16": np.float32, "f16_f32": np.float16, "f32_bf16": np.float32, "bf16_f32": np.uint16}
-_DETERMINISTIC = any(os.environ.get(v, "") not in ("", "0") for v in ("CI", "KVCACHE_DERANDOMIZE"))
 
 
 def bits(a):
@@ -320,8 +318,8 @@ def test_quant_shapes_and_bad_arrays():
 BELOW_MAX = float(np.nextafter(np.finfo(np.float32).max, np.float32(0)))
 
 
-@settings(max_examples=300, deadline=None, derandomize=_DETERMINISTIC,
-          database=None if _DETERMINISTIC else settings.default.database)
+@settings(max_examples=300, deadline=None, derandomize=DETERMINISTIC,
+          database=None if DETERMINISTIC else settings.default.database)
 @given(hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 70)),
                   elements=st.floats(-BELOW_MAX, BELOW_MAX, width=32)))
 def test_dequant_error_is_at_most_half_a_step(x):

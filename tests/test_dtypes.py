@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import kvcache
-from conftest import SHAPE, rows
+from helpers import SHAPE, rows
 from reference import BF16, quantize, roundtrip, stored
 
 L, H, D = SHAPE["n_layers"], SHAPE["n_kv_heads"], SHAPE["head_dim"]
@@ -59,6 +59,7 @@ def test_raw_returns_the_stored_representation(dtype):
             np.testing.assert_array_equal(qk, want_k[0])
             assert bits(sk).tobytes() == bits(want_k[1]).tobytes()
             np.testing.assert_array_equal(qv, want_v[0])
+            assert bits(sv).tobytes() == bits(want_v[1]).tobytes()
         else:
             assert rk.dtype == want_k.dtype and rk.shape == (4, H, D)
             assert bits(rk).tobytes() == bits(want_k).tobytes()

@@ -1,31 +1,19 @@
 """Capacity limits and disk faults: a clear error, nothing half-stored, nothing lost."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 import kvcache
-from conftest import SHAPE, rows
+from helpers import SHAPE, contents, rows, run_python, tiered
 
 L, H, D = SHAPE["n_layers"], SHAPE["n_kv_heads"], SHAPE["head_dim"]
 ROW = H * D * 4
 BLOCK_BYTES = 2 * 4 * ROW  # keys + values of one 4-position block of one layer
 
 
-def make(**kw):
-    args = dict(max_seq_len=64, hot_tokens=16, block_tokens=4, **SHAPE)
-    args.update(kw)
-    return kvcache.TieredKVCache(**args)
-
-
-def contents(c):
-    return [(k.tobytes(), v.tobytes()) for k, v in (c.get(l) for l in range(L))]
-
-
 def test_max_seq_len_bounds_positions_across_tiers():
-    with make(max_seq_len=24) as c:
+    with tiered(max_seq_len=24) as c:
         c.store_layers(rows(24, layers=L), rows(24, layers=L))
         before = contents(c)
         with pytest.raises(kvcache.CacheFullError, match="exceed max_seq_len=24"):
@@ -34,7 +22,7 @@ def test_max_seq_len_bounds_positions_across_tiers():
 
 
 def test_max_cold_bytes_refuses_a_store_before_writing_anything():
-    with make(max_cold_bytes=2 * L * BLOCK_BYTES) as c:  # two blocks per layer may go cold
+    with tiered(max_cold_bytes=2 * L * BLOCK_BYTES) as c:  # two blocks per layer may go cold
         c.store_layers(rows(24, layers=L, seed=1), rows(24, layers=L, seed=2))  # 6 blocks: 2 cold
         assert c.stats()["cold_bytes_on_disk"] == 2 * L * BLOCK_BYTES
         before, stats = contents(c), c.stats()
@@ -51,7 +39,7 @@ def test_max_cold_bytes_refuses_a_store_before_writing_anything():
 
 
 def test_max_cold_bytes_with_persist_counts_every_position(tmp_path):
-    with make(cold_dir=tmp_path / "c", persist=True, max_cold_bytes=L * 10 * 2 * ROW) as c:
+    with tiered(cold_dir=tmp_path / "c", persist=True, max_cold_bytes=L * 10 * 2 * ROW) as c:
         c.store_layers(rows(10, layers=L), rows(10, layers=L))
         with pytest.raises(kvcache.CacheFullError, match="max_cold_bytes"):
             c.store(0, rows(1)[0], rows(1)[0])
@@ -67,7 +55,7 @@ def test_an_unwritable_cold_dir_raises_an_oserror(tmp_path):
         ro.mkdir(mode=0o500)
         target = ro / "cold"
     with pytest.raises(kvcache.ColdStoreError, match="cannot use cold_dir") as exc:
-        make(cold_dir=target)
+        tiered(cold_dir=target)
     assert isinstance(exc.value, OSError) and exc.value.errno
 
 
@@ -75,7 +63,7 @@ def test_a_cold_dir_that_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(NotADirectoryError):
-        make(cold_dir=f)
+        tiered(cold_dir=f)
 
 
 FILLER = textwrap.dedent("""
@@ -110,7 +98,5 @@ FILLER = textwrap.dedent("""
 
 def test_a_disk_that_fills_mid_write_keeps_every_stored_token(tmp_path):
     limit = 4096 + 37 * ROW + 5  # cuts a block's write in the middle
-    out = subprocess.run([sys.executable, "-c", FILLER, str(L), str(H), str(D), str(limit),
-                          str(tmp_path / "c")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    out = run_python("-c", FILLER, L, H, D, limit, tmp_path / "c")
     assert out.stdout.startswith("ok"), out.stdout

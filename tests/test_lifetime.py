@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import kvcache
+from helpers import SHAPE, rows
 from kvcache._arena import allocator_live
-from conftest import SHAPE, rows
 
 
 def live():

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import kvcache
+from helpers import run_threads
 from kvcache import CacheClosedError
-from test_threads import run_threads
 
 L, H, D = 6, 2, 8
 GROUPS = [(0, 1, 2), (3, 4, 5)]  # one writer thread per group of layers

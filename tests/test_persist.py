@@ -14,7 +14,7 @@ import pytest
 
 import crash_writer
 import kvcache
-from conftest import SHAPE, rows
+from helpers import SHAPE, rows, run_python, tiered
 from kvcache._format import HEADER_SIZE
 from reference import roundtrip
 
@@ -22,9 +22,7 @@ L = SHAPE["n_layers"]
 
 
 def make(d, **kw):
-    args = dict(max_seq_len=200, hot_tokens=16, block_tokens=4, cold_dir=d, persist=True, **SHAPE)
-    args.update(kw)
-    return kvcache.TieredKVCache(**args)
+    return tiered(**{"max_seq_len": 200, "cold_dir": d, "persist": True, **kw})
 
 
 def assert_layer(c, l, k, v):
@@ -84,7 +82,7 @@ def test_only_flushed_positions_survive_a_lost_process(tmp_path, flushed):
                        np.zeros(({L}, 7, {SHAPE['n_kv_heads']}, {SHAPE['head_dim']}), np.float32))
         os._exit(0)  # no close, no flush
     """)
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_python("-c", code)
     with kvcache.TieredKVCache.open(d) as c:
         assert [c.layer_len(l) for l in range(L)] == [flushed] * L
         assert (c.get(0)[0] == 1).all()

@@ -1,7 +1,5 @@
 """store_layers on the native thread pool: exact results, fork safety, busy pool."""
 import os
-import subprocess
-import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,6 +7,7 @@ import numpy as np
 import pytest
 
 import kvcache
+from helpers import rows, run_python
 
 # 8 layers x 4 heads x 64: a token is 16 KiB, so 128 tokens (2 MiB) go parallel
 # and 1 token (16 KiB) stays on the calling thread.
@@ -16,8 +15,7 @@ SHAPE = dict(n_layers=8, n_kv_heads=4, head_dim=64)
 
 
 def data(t, seed):
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((SHAPE["n_layers"], t, 4, 64), dtype=np.float32)
+    return rows(t, layers=SHAPE["n_layers"], seed=seed, heads=SHAPE["n_kv_heads"], dim=SHAPE["head_dim"])
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8, 64])
@@ -75,6 +73,5 @@ def test_store_layers_works_in_a_forked_child():
         c.store_layers(k, k)
         print("child", os.waitstatus_to_exitcode(status), "parent", c.layer_len(0))
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+    r = run_python("-c", code, timeout=60)
     assert r.stdout.split() == ["child", "0", "parent", "256"]

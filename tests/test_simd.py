@@ -1,12 +1,11 @@
 """The SIMD paths (copy, CRC32C, add_rows) against the scalar oracle, and forcing a path."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import kvcache
+from helpers import run_python
 from kvcache import _simd
 
 
@@ -77,9 +76,8 @@ def test_forced_path_stores_exactly(backend, restore_backend):
 
 
 def _run(env_value):
-    env = dict(os.environ, KVCACHE_SIMD=env_value)
-    return subprocess.run([sys.executable, "-c", "import kvcache; print(kvcache.simd_backend())"],
-                          env=env, capture_output=True, text=True)
+    return run_python("-c", "import kvcache; print(kvcache.simd_backend())", ok=False,
+                      env=dict(os.environ, KVCACHE_SIMD=env_value))
 
 
 @pytest.mark.parametrize("backend", kvcache.available_backends())

@@ -29,12 +29,11 @@ from hypothesis.stateful import (
 
 import kvcache
 from kvcache import CacheFullError
+from helpers import DETERMINISTIC, bits, random_bits
 from reference import roundtrip, widened
 
 N_LAYERS = 3
 N_HEADS = 2
-
-_DETERMINISTIC = any(os.environ.get(v, "") not in ("", "0") for v in ("CI", "KVCACHE_DERANDOMIZE"))
 
 layers = st.integers(0, N_LAYERS - 1)
 seeds = st.integers(0, 2**32 - 1)
@@ -44,28 +43,18 @@ layouts = st.sampled_from(["contiguous", "strided", "reversed", "broadcast"])
 positions = st.one_of(st.none(), st.integers(-30, 30))
 
 
-def bits(a):
-    """The bytes of a float32 array, for exact comparison (NaN == NaN bitwise)."""
-    return np.ascontiguousarray(a).view(np.uint32)
-
-
-def random_rows(seed, shape):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 2**32, shape, dtype=np.uint32).view(np.float32)
-
-
 def laid_out(seed, shape, layout, axis):
     """(array passed to the cache, the dense data it denotes) in a given layout.
 
     ``axis`` is the token axis of ``shape`` (0 for [T,H,D], 1 for [L,T,H,D]).
     """
-    dense = random_rows(seed, shape)
+    dense = random_bits(seed, shape)
     if layout == "contiguous":
         return dense, dense
     if layout == "strided":  # every other token of a twice-as-long buffer
         big_shape = list(shape)
         big_shape[axis] *= 2
-        big = random_rows(seed + 1, big_shape)
+        big = random_bits(seed + 1, big_shape)
         idx = [slice(None)] * len(shape)
         idx[axis] = slice(None, None, 2)
         big[tuple(idx)] = dense
@@ -79,7 +68,7 @@ def laid_out(seed, shape, layout, axis):
     if layout == "broadcast":  # stride 0: the same token T times, read-only
         one_shape = list(shape)
         one_shape[axis] = 1
-        one = random_rows(seed, one_shape)
+        one = random_bits(seed, one_shape)
         arg = np.broadcast_to(one, shape)
         return arg, np.ascontiguousarray(arg)
     raise AssertionError(layout)
@@ -182,8 +171,8 @@ class KVCacheMachine(RuleBasedStateMachine):
     # -- stores -------------------------------------------------------------
     @rule(layer=layers, seed=seeds)
     def store_one(self, layer, seed):
-        k = random_rows(seed, self.token_shape())
-        v = random_rows(seed ^ 0x5A5A5A5A, self.token_shape())
+        k = random_bits(seed, self.token_shape())
+        v = random_bits(seed ^ 0x5A5A5A5A, self.token_shape())
         if len(self.keys[layer]) + 1 > self.cap:
             self.assert_unchanged_after(CacheFullError, self.cache.store, layer, k, v)
         else:
@@ -218,21 +207,21 @@ class KVCacheMachine(RuleBasedStateMachine):
           bad=st.sampled_from(["dtype", "heads", "dim", "rank", "mismatch", "empty", "layer",
                                "layer_type", "batch_rank", "layers_axis"]))
     def invalid_store(self, layer, t, seed, bad):
-        k = random_rows(seed, self.token_shape(t))
+        k = random_bits(seed, self.token_shape(t))
         v = k.copy()
         c = self.cache
         if bad == "dtype":
             self.assert_unchanged_after(TypeError, c.store, layer, np.zeros(k.shape), v)
         elif bad == "heads":
-            kb = random_rows(seed, (t, N_HEADS + 1, self.D))
+            kb = random_bits(seed, (t, N_HEADS + 1, self.D))
             self.assert_unchanged_after(ValueError, c.store, layer, kb, kb)
         elif bad == "dim":
-            kb = random_rows(seed, (t, N_HEADS, self.D - 1))
+            kb = random_bits(seed, (t, N_HEADS, self.D - 1))
             self.assert_unchanged_after(ValueError, c.store_batch, layer, kb, kb)
         elif bad == "rank":
             self.assert_unchanged_after(ValueError, c.store, layer, k[None], v[None])
         elif bad == "mismatch":  # different token counts for keys and values
-            vb = random_rows(seed, self.token_shape(t + 1))
+            vb = random_bits(seed, self.token_shape(t + 1))
             self.assert_unchanged_after(ValueError, c.store, layer, k, vb)
         elif bad == "empty":
             self.assert_unchanged_after(ValueError, c.store_batch, layer, k[:0], v[:0])
@@ -245,7 +234,7 @@ class KVCacheMachine(RuleBasedStateMachine):
         elif bad == "batch_rank":  # store_batch wants [T, H, D], not one token
             self.assert_unchanged_after(ValueError, c.store_batch, layer, k[0], v[0])
         elif bad == "layers_axis":
-            kl = random_rows(seed, self.token_shape(t, N_LAYERS - 1))
+            kl = random_bits(seed, self.token_shape(t, N_LAYERS - 1))
             self.assert_unchanged_after(ValueError, c.store_layers, kl, kl)
 
     # -- rollback -----------------------------------------------------------
@@ -414,8 +403,8 @@ KVCacheMachine.TestCase.settings = settings(
     max_examples=60,
     stateful_step_count=30,
     deadline=None,
-    derandomize=_DETERMINISTIC,
-    database=None if _DETERMINISTIC else settings.default.database,
+    derandomize=DETERMINISTIC,
+    database=None if DETERMINISTIC else settings.default.database,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestKVCacheMachine = KVCacheMachine.TestCase

@@ -10,26 +10,14 @@ import gc
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 import pytest
 
 import kvcache
 from kvcache import CacheClosedError, CacheFullError
+from helpers import bits, random_bits, run_threads
 from kvcache._arena import allocator_live
-
-HANG_GUARD = 300  # seconds; only ever reached if the library deadlocks
-
-
-def bits(a):
-    """Exact bytes of a float32 array (bitwise: NaN payloads compare equal)."""
-    return np.ascontiguousarray(a).view(np.uint32)
-
-
-def random_bits(rng, shape):
-    return rng.integers(0, 2**32, shape, dtype=np.uint32).view(np.float32)
-
 
 def filled(ids, heads, dim):
     """Tokens [len(ids), heads, dim] whose every float is the token's id."""
@@ -40,51 +28,6 @@ def filled(ids, heads, dim):
 def assert_whole_tokens(k):
     """Every row of ``k`` is one token: all of its floats are equal (no torn row)."""
     assert (k == k[:, :1, :1]).all(), "a row mixes two tokens (torn read)"
-
-
-def run_threads(workers, watchers=(), barrier=None):
-    """Run ``workers`` and ``watchers`` on their own threads and return the results.
-
-    Watchers are called with an Event that is set once every worker has
-    returned (or failed).  The first error is re-raised here (a failing
-    worker aborts ``barrier`` first, so the others stop instead of waiting).
-    """
-    done = threading.Event()
-    left = [len(workers)]
-    lock = threading.Lock()
-
-    def as_worker(fn):
-        def run():
-            try:
-                return fn()
-            except BaseException:
-                if barrier is not None:
-                    barrier.abort()
-                raise
-            finally:
-                with lock:
-                    left[0] -= 1
-                    if left[0] == 0:
-                        done.set()
-        return run
-
-    def as_watcher(fn):
-        return lambda: fn(done)
-
-    pool = ThreadPoolExecutor(max_workers=len(workers) + len(watchers))
-    try:
-        futures = [pool.submit(as_worker(fn)) for fn in workers]
-        futures += [pool.submit(as_watcher(fn)) for fn in watchers]
-        _, pending = wait(futures, timeout=HANG_GUARD)
-        assert not pending, "threads still running: deadlock?"
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        # Report the root cause, not the BrokenBarrierError it caused elsewhere.
-        errors.sort(key=lambda e: isinstance(e, threading.BrokenBarrierError))
-        if errors:
-            raise errors[0]
-        return [f.result() for f in futures]
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def expected_stats(row_bytes, stored, read):

@@ -1,9 +1,8 @@
 """TieredCache in transformers' generate(): the same tokens as DynamicCache, no download."""
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+
+from helpers import run_python
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -106,11 +105,11 @@ def test_crop_reset_and_batch_size(model, prompt):
 def test_import_kvcache_does_not_import_torch():
     code = "import sys, kvcache; kvcache.TieredKVCache(n_layers=1, n_kv_heads=1, head_dim=4, max_seq_len=4); " \
            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_python("-c", code)
 
 
 def test_the_example_runs():
     import os
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "generate_tiered.py")
-    out = subprocess.run([sys.executable, path], capture_output=True, text=True, check=True).stdout
+    out = run_python(path).stdout
     assert "same tokens as DynamicCache (float32): True" in out and "eviction_blocks" in out
