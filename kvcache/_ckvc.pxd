@@ -3,8 +3,7 @@
 from libc.stdint cimport uint64_t, int64_t
 
 cdef extern from "kvc_simd.h" nogil:
-    int KVC_NT_MIN_BYTES
-    int KVC_SCALAR, KVC_SSE2, KVC_AVX2, KVC_AVX512, KVC_NEON, KVC_N_BACKENDS, KVC_VECTOR
+    int KVC_N_BACKENDS, KVC_VECTOR
     ctypedef unsigned int uint32_t  # <stdint.h>'s, which kvc_simd.h includes
     ctypedef signed char int8_t
     ctypedef void (*kvc_copy_fn)(void *dst, const void *src, size_t n)
@@ -21,7 +20,6 @@ cdef extern from "kvc_simd.h" nogil:
         KVC_CVT_F16_F32
         KVC_CVT_F32_BF16
         KVC_CVT_BF16_F32
-        KVC_N_CVT
     ctypedef struct kvc_simd_ops:
         kvc_copy_fn copy
         kvc_copy_fn copy_nt
@@ -38,7 +36,6 @@ cdef extern from "kvc_simd.h" nogil:
     int kvc_simd_init()
     int kvc_simd_force(int backend)
     int kvc_simd_available(int backend)
-    int kvc_simd_best()
     const char *kvc_simd_name(int backend)
     int kvc_simd_from_name(const char *name)
     kvc_copy_fn kvc_simd_copy_fn(int backend, int streaming)
@@ -71,7 +68,6 @@ cdef extern from "kvc_stats.h" nogil:
         KVC_STAT_BYTES_FROM_COLD
         KVC_STAT_COLD_BYTES
         KVC_STAT_ROWS_HELD
-        KVC_N_STATS
     ctypedef struct kvc_stats:
         pass
     kvc_stats *kvc_stats_new()
@@ -121,6 +117,5 @@ cdef extern from "kvc_status.h" nogil:
                       uint64_t limit)
 
 cdef extern from "kvc_pool.h" nogil:
-    int KVC_POOL_MAX_WORKERS
     ctypedef void (*kvc_task_fn)(void *ctx, size_t i) noexcept nogil
     int kvc_pool_run(int threads, size_t n_tasks, kvc_task_fn fn, void *ctx)

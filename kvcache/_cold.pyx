@@ -26,24 +26,35 @@ from kvcache.errors import ColdStoreError, CorruptionError
 
 cdef extern from *:
     """
-    /* Test hook: cold writes of the calling thread fail with this errno (0:
-     * they do not), so that a test can fail one thread's writes and not another's. */
-    static _Thread_local int kvc_inject_write_errno = 0;
+    #include <pthread.h>
+    /* Test hook: cold writes of one thread fail with an errno, so that a test
+     * can fail one thread's writes and not another's.  A global naming the
+     * thread, not a _Thread_local: LeakSanitizer's exit scan crashes on the
+     * dynamic TLS of a dlopen'ed module. */
+    static int kvc_inject_errno = 0;
+    static pthread_t kvc_inject_thread;
+    static void kvc_inject_set(int err) { kvc_inject_thread = pthread_self(); kvc_inject_errno = err; }
+    static int kvc_inject_get(void)
+    {
+        return kvc_inject_errno && pthread_equal(pthread_self(), kvc_inject_thread) ? kvc_inject_errno : 0;
+    }
     """
-    int kvc_inject_write_errno
+    void kvc_inject_set(int err) nogil
+    int kvc_inject_get() noexcept nogil
 
 
 def _fail_writes(int err):
-    """Test hook: make this thread's cold writes fail with errno ``err`` (0 stops it)."""
-    global kvc_inject_write_errno
-    kvc_inject_write_errno = err
+    """Test hook: make this thread's cold writes fail with errno ``err`` (0 stops it;
+    one thread at a time)."""
+    kvc_inject_set(err)
 
 
 cdef int write_all(int fd, const char *src, size_t n, size_t offset) noexcept nogil:
     """pwrite ``n`` bytes at ``offset``, resuming partial writes: 0 or an errno."""
     cdef ssize_t w
-    if kvc_inject_write_errno != 0:
-        return kvc_inject_write_errno
+    cdef int injected = kvc_inject_get()
+    if injected != 0:
+        return injected
     while n > 0:
         w = pwrite(fd, src, n, offset)
         if w < 0:
