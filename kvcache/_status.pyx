@@ -81,9 +81,9 @@ cdef int raise_error(const kvc_error *e, str op, object path_of=None, Py_ssize_t
             msg = (f"layer {layer} holds {e.held} positions; {e.asked} more would exceed "
                    f"max_seq_len={e.limit}")
         elif e.limit_kind == KVC_LIMIT_COLD_BYTES:
-            where = f"layer {layer}" if layer >= 0 else "the cache"
-            msg = (f"{e.asked} more cold bytes for {where} could exceed max_cold_bytes={e.limit} "
-                   f"(the cold tier holds {e.held} bytes)")
+            where = f" for layer {layer}" if layer >= 0 else " over every layer"
+            msg = (f"up to {e.asked} more cold bytes{where} would exceed max_cold_bytes={e.limit} "
+                   f"(the cold tier holds {e.held})")
         elif e.limit_kind == KVC_LIMIT_SLOTS:
             msg = f"layer {layer}: every hot slot holds a pinned block (sink or recent window)"
         else:
