@@ -134,8 +134,10 @@ cdef class TieredKVCache:
     def open(cls, cold_dir, **overrides):
         """Reopen a cache persisted in ``cold_dir`` (see ``persist`` and :meth:`flush`).
 
-        Every position flushed before is there, byte-exact; RAM refills lazily
-        as blocks are read or stored.
+        Every position flushed before is there, byte-exact.  The blocks that
+        never leave RAM (the sink blocks; every block when the whole context
+        fits) are read back and verified at once; the rest refill RAM lazily,
+        as they are read or stored.
 
         Parameters
         ----------
