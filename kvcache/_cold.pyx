@@ -22,7 +22,7 @@ from posix.unistd cimport pwrite
 from kvcache._arena cimport ColdMap
 from kvcache._format cimport HEADER_BYTES, row_offset
 from kvcache._format import INDEX_NAME, check_header, file_name, file_names, header, write_index
-from kvcache.errors import ColdStoreError, CorruptionError
+from kvcache.errors import CacheClosedError, ColdStoreError, CorruptionError
 
 cdef extern from *:
     """
@@ -223,9 +223,15 @@ class ColdStore:
         return os.path.join(self.path, file_name(layer, kind))
 
     def view(self, layer, kind, start, stop):
-        """A read-only uint8 ``[stop - start, row_bytes]`` array over rows of one file."""
+        """A read-only uint8 ``[stop - start, row_bytes]`` array over rows of one file.
+
+        Raises CacheClosedError once the store is closed (a ``get(copy=False)``
+        racing with ``close()``)."""
         import numpy as np
-        return np.frombuffer(self.maps[2 * layer + kind], dtype=np.uint8,
+        maps = self.maps
+        if not maps:
+            raise CacheClosedError("this TieredKVCache is closed")
+        return np.frombuffer(maps[2 * layer + kind], dtype=np.uint8,
                              count=(stop - start) * self.row_bytes,
                              offset=row_offset(start, self.row_bytes)
                              ).reshape(stop - start, self.row_bytes)
