@@ -148,6 +148,7 @@ extensions = [
     ext("_moves"),
     ext("_copy"),
     ext("_hot", ["src/kvc_pool.c"], extra_link=["-pthread"]),
+    ext("_persist"),
     ext("_cache"),
 ]
 

@@ -1,4 +1,5 @@
 cimport numpy as cnp
+from kvcache._hot cimport HotTier
 
 cdef cnp.ndarray as_array(object obj, str name, bint writable, bint any_float=*)
 cdef int array_kind(cnp.ndarray a)
@@ -9,3 +10,4 @@ cdef int check_tokens(Py_ssize_t n_keys, Py_ssize_t n_values) except -1
 cdef int check_flag(str name, object value) except -1
 cdef Py_ssize_t position(str name, object value, Py_ssize_t length, Py_ssize_t default) except? -1
 cdef tuple check_out(object out, Py_ssize_t n, Py_ssize_t n_heads, Py_ssize_t head_dim)
+cdef cnp.ndarray unaliased(HotTier hot, cnp.ndarray a)

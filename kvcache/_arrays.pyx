@@ -11,6 +11,8 @@ cimport numpy as cnp
 from cpython.buffer cimport PyObject_CheckBuffer
 from cpython.number cimport PyIndex_Check
 
+from kvcache._hot cimport HotTier
+
 from kvcache._codec cimport FMT_F32, FMT_F16, FMT_BF16
 
 cnp.import_array()
@@ -166,3 +168,20 @@ cdef tuple check_out(object out, Py_ssize_t n, Py_ssize_t n_heads, Py_ssize_t he
     if n and np.may_share_memory(ko, vo):
         raise ValueError("out: keys_out and values_out overlap")
     return ko, vo
+
+
+cdef cnp.ndarray unaliased(HotTier hot, cnp.ndarray a):
+    """``a``, or a copy of it if it views the cache's own memory (``get(copy=False)``):
+    a store into rows that it is still reading would read what it has just written."""
+    cdef const char *lo = <const char *>cnp.PyArray_DATA(a)
+    cdef const char *hi = lo
+    cdef int i
+    cdef Py_ssize_t extent
+    for i in range(cnp.PyArray_NDIM(a)):
+        extent = (cnp.PyArray_DIM(a, i) - 1) * cnp.PyArray_STRIDE(a, i)
+        if extent < 0:
+            lo += extent
+        else:
+            hi += extent
+    hi += cnp.PyArray_ITEMSIZE(a)
+    return np.array(a, order="C") if hot.overlaps(lo, hi) else a

@@ -12,7 +12,6 @@ _F32 = npt.NDArray[np.float32]
 
 STAT_NAMES: dict[str, int]
 DTYPES: dict[str, Any]
-INDEX_NAME: str
 
 @disjoint_base
 class TieredKVCache:

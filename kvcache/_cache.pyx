@@ -1,7 +1,7 @@
 """TieredKVCache: the public cache object.
 
-Owns: checking what callers pass (with the GIL), the cache's lifetime
-(create, open, flush, close) and the persisted index's writes.  The copies
+Owns: checking what callers pass (with the GIL) and the cache's lifetime
+(create, open, flush, close; the persisted index itself is kvcache._persist's).  The copies
 happen in kvcache._hot, without the GIL; a failed native call fills an
 error record that kvcache._status.raise_error turns into the exception.
 Must not touch: blocks, slots or file bytes (the engine's and the format's).
@@ -15,14 +15,17 @@ import numpy as np
 cimport numpy as cnp
 from cpython.number cimport PyIndex_Check
 
-from kvcache._arrays cimport as_array, check_flag, check_out, check_rows, check_tokens, position, same_kind
+from kvcache._arrays cimport (
+    as_array, check_flag, check_out, check_rows, check_tokens, position, same_kind, unaliased,
+)
 from kvcache._ckvc cimport KVC_OK, KVC_E_CLOSED, kvc_error, kvc_error_clear
 from kvcache._codec cimport FMT_F32, Rows
 from kvcache._codec import DTYPES, unpack_rows
 from kvcache._cold import ColdStore
-from kvcache._format import INDEX_NAME, check_size, file_name, index_bytes, index_entry, read_index
+from kvcache._format import file_name, read_index
 from kvcache._hot cimport HotTier
 from kvcache._hot import STAT_NAMES
+from kvcache._persist cimport Persisted
 from kvcache._simd cimport simd_ops
 from kvcache._status cimport check_status, raise_error
 from kvcache.config import CacheConfig, check_fits_in_ram, reopened_config, usable_cores
@@ -72,8 +75,7 @@ cdef class TieredKVCache:
     cdef object __weakref__
     cdef HotTier hot
     cdef object cold        # ColdStore, or None while every position is in RAM and no view was asked
-    cdef list durable       # persist: per-layer lengths the last index records
-    cdef bytes written      # persist: the bytes of the last index written or read
+    cdef Persisted persisted  # persist: the directory's index; else None
     cdef object index_lock  # serialises flush and close (the index's writers)
     cdef Py_ssize_t n_layers, n_heads, head_dim
 
@@ -94,7 +96,8 @@ cdef class TieredKVCache:
             check_fits_in_ram(arena)
         self.hot = HotTier(config, prefault=config.prefault,
                            threads=config.threads if config.threads is not None else usable_cores())
-        self.durable = [0] * self.n_layers
+        if config.persist:
+            self.persisted = Persisted(config, self.hot)
         if _index is not None:
             self._restore(_index)
         elif config.tiered or config.persist or config.cold_dir is not None:
@@ -115,20 +118,9 @@ cdef class TieredKVCache:
         return self.cold
 
     def _restore(self, index):
-        cdef kvc_error rec
         self.cold = ColdStore(self.config, existing=True)
         self.hot.attach_cold(self.cold)
-        c = self.config
-        for l, entry in enumerate(index["layers"]):
-            length = entry["length"]
-            for kind, size in enumerate(self.cold.file_sizes(l)):
-                check_size(self.cold.path_of(l, kind), size, length, c.cold_row_bytes)
-            kvc_error_clear(&rec)
-            if self.hot.restore(l, length, entry["rows"], entry["crc_k"], entry["crc_v"], &rec) != KVC_OK:
-                self._fail(&rec, "open")
-            self.durable[l] = length
-        with open(os.path.join(self.cold.path, INDEX_NAME), "rb") as f:  # the directory is locked
-            self.written = f.read()
+        self.persisted.restore(self.cold, index)
 
     @classmethod
     def open(cls, cold_dir, **overrides):
@@ -179,7 +171,7 @@ cdef class TieredKVCache:
                 return
             try:
                 if self.config.persist and not self.hot.closed:
-                    self._persist(True)
+                    self.persisted.write(self.cold, True)
             finally:  # both idempotent
                 self.hot.close()
                 if self.cold is not None:
@@ -238,7 +230,7 @@ cdef class TieredKVCache:
         cdef Py_ssize_t n = check_rows(k, "keys", 3, self.n_heads, self.head_dim, not batch)
         cdef Py_ssize_t nv = check_rows(v, "values", 3, self.n_heads, self.head_dim, not batch)
         check_tokens(n, nv)
-        k, v = _unaliased(self.hot, k), _unaliased(self.hot, v)
+        k, v = unaliased(self.hot, k), unaliased(self.hot, v)
         cdef Rows src = _rows(k, v, 0, 3)
         cdef kvc_error rec
         cdef int status
@@ -295,7 +287,7 @@ cdef class TieredKVCache:
                              f"got {k.shape[0]} and {v.shape[0]}")
         cdef Py_ssize_t n = k.shape[1]
         check_tokens(n, v.shape[1])
-        k, v = _unaliased(self.hot, k), _unaliased(self.hot, v)
+        k, v = unaliased(self.hot, k), unaliased(self.hot, v)
         cdef Rows src = _rows(k, v, 1, 4)
         cdef Py_ssize_t k_layer_step = cnp.PyArray_STRIDE(k, 0), v_layer_step = cnp.PyArray_STRIDE(v, 0)
         cdef kvc_error rec
@@ -485,7 +477,7 @@ cdef class TieredKVCache:
         if status != KVC_OK:
             self._fail(&rec, "truncate")
 
-        if self.config.persist and m < max(self.durable):
+        if self.config.persist and self.persisted.covers(m):
             self.flush()  # the index must not promise rows that stores will now overwrite
 
     def reset(self):
@@ -511,44 +503,7 @@ cdef class TieredKVCache:
         if not self.config.persist:
             raise ValueError("flush: this cache was created with persist=False; nothing is kept")
         with self.index_lock:  # one index writer at a time (flush, close)
-            self._persist(False)
-
-    cdef int _persist(self, bint seal) except -1:
-        """flush(), or with ``seal`` close()'s last flush: each layer is written
-        back and closed under its lock, so a store either lands before it (and
-        is kept) or raises CacheClosedError.  The caller holds index_lock.
-
-        The index is rewritten only when it would change: closing a reopened
-        cache that stored nothing writes nothing."""
-        cdef Py_ssize_t l, length
-        cdef int status
-        cdef kvc_error rec, failed
-        kvc_error_clear(&failed)
-        layers = []
-        for l in range(self.n_layers):
-            kvc_error_clear(&rec)
-            if seal:
-                table = self.hot.seal(l, &rec)
-                if table is None:
-                    self._fail(&rec, "close")  # closed by someone else: not under index_lock
-                if rec.code != KVC_OK and failed.code == KVC_OK:
-                    failed = rec  # keep what is on disk; raise at the end
-            else:
-                length = self._length(l)
-                with nogil:
-                    status = self.hot.write_back_range(l, 0, length, False, &rec)
-                if status != KVC_OK:
-                    self._fail(&rec, "flush")
-                table = self.hot.block_table(l)
-            layers.append(index_entry(table[0], table[1], self.config.block_tokens))
-        data = index_bytes(self.config, layers)
-        if data != self.written:
-            self.cold.fsync()
-            self.cold.write_index(layers)
-            self.written = data
-        self.durable = [entry["length"] for entry in layers]
-        if failed.code != KVC_OK:
-            self._fail(&failed, "close")
+            self.persisted.write(self.cold, False)
 
     def update_scores(self, layer, attn):
         """Add attention weights to the "h2o" policy's per-position scores.
@@ -641,20 +596,3 @@ cdef class TieredKVCache:
         from kvcache.config import MAX_THREADS, _positive_int
         self._check_open()
         self.hot.threads = _positive_int("threads", value, high=MAX_THREADS)
-
-
-cdef cnp.ndarray _unaliased(HotTier hot, cnp.ndarray a):
-    """``a``, or a copy of it if it views the cache's own memory (``get(copy=False)``):
-    a store into rows that it is still reading would read what it has just written."""
-    cdef const char *lo = <const char *>cnp.PyArray_DATA(a)
-    cdef const char *hi = lo
-    cdef int i
-    cdef Py_ssize_t extent
-    for i in range(cnp.PyArray_NDIM(a)):
-        extent = (cnp.PyArray_DIM(a, i) - 1) * cnp.PyArray_STRIDE(a, i)
-        if extent < 0:
-            lo += extent
-        else:
-            hi += extent
-    hi += cnp.PyArray_ITEMSIZE(a)
-    return np.array(a, order="C") if hot.overlaps(lo, hi) else a

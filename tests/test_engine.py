@@ -231,7 +231,7 @@ def test_the_index_checksum_line_is_exactly_eight_lowercase_hex_digits(persisted
 
 
 # -- one concept per module ----------------------------------------------------------
-ENGINE = ["_arena", "_hot", "_copy", "_moves", "_cold", "_format", "_policy", "_codec", "_status", "_cache"]
+ENGINE = ["_arena", "_hot", "_copy", "_moves", "_cold", "_format", "_policy", "_codec", "_status", "_persist", "_cache"]
 
 
 @pytest.mark.parametrize("name", ENGINE)
@@ -242,7 +242,7 @@ def test_each_engine_module_says_what_it_owns_and_must_not_touch(name):
 
 def test_no_pyx_is_much_over_600_lines():
     sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "kvcache").glob("*.pyx")}
-    assert max(sizes.values()) <= 660, sizes
+    assert max(sizes.values()) <= 600, sizes
 
 
 def test_the_dtype_and_policy_tables_are_the_only_definitions():
