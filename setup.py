@@ -150,6 +150,7 @@ extensions = [
     ext("_hot", ["src/kvc_pool.c"], extra_link=["-pthread"]),
     ext("_persist"),
     ext("_cache"),
+    ext("_blocks", ["src/kvc_pool.c"], extra_link=["-pthread"]),
 ]
 
 # cythonize regenerates kvcache/*.c only when a .pyx or .pxd is newer than it:

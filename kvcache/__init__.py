@@ -9,6 +9,7 @@
 from kvcache._cache import TieredKVCache
 from kvcache._simd import available_backends, set_simd_backend, simd_backend
 from kvcache.config import CacheConfig
+from kvcache.prefix import PrefixStore, prefix_hashes
 from kvcache.errors import (
     CacheClosedError, CacheFullError, ColdStoreError, CorruptionError, KVCacheError,
 )
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheConfig",
     "TieredKVCache",
+    "PrefixStore",
+    "prefix_hashes",
     "CacheFullError",
     "CacheClosedError",
     "CorruptionError",

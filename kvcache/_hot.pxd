@@ -3,6 +3,10 @@ from kvcache._codec cimport Rows
 from kvcache._tier cimport HotLayer, Tier
 
 
+cdef int read_layer(Tier *t, Py_ssize_t layer, int kind, Py_ssize_t start, Py_ssize_t stop, Rows dst,
+                    kvc_error *e) noexcept nogil
+
+
 cdef class HotTier:
     cdef Tier t
     cdef object arenas      # [Arena] keys, values of each layer; None once closed

@@ -74,6 +74,34 @@ cdef inline bint _meets(const char *lo, const char *hi, const char *base, size_t
     return base != NULL and lo < base + n and base < hi
 
 
+cdef int read_layer(Tier *t, Py_ssize_t layer, int kind, Py_ssize_t start, Py_ssize_t stop, Rows dst,
+                    kvc_error *e) noexcept nogil:
+    """HotTier.read of the tier ``t`` (kvcache._blocks reads every layer on the pool)."""
+    cdef HotLayer *L = &t.layers[layer]
+    cdef Py_ssize_t hot = 0, cold = 0
+    cdef int status = KVC_OK
+    cdef RowFmt out = row_format(kind, t.hot_fmt.n_heads, t.hot_fmt.head_dim)
+    kvc_lock_acquire(&L.lock)
+    if L.keys == NULL:
+        status = kvc_fail(e, KVC_E_CLOSED, layer, -1)
+    elif stop > L.length:
+        status = kvc_fail(e, KVC_E_RANGE, layer, -1)
+        e.held, e.asked = L.length, stop
+    elif not t.tiered:  # one arena, block b in slot b: a single pass
+        status = convert_pair(t.ops, False, &t.hot_fmt, slot_rows(t, L, 0, start), &out,
+                              dst, stop - start)
+        hot = stop - start
+    else:
+        status = read_locked(t, L, &out, start, stop, dst, e, &hot, &cold)
+    kvc_lock_release(&L.lock)
+    if status == KVC_OK:
+        kvc_stats_add(t.stats, KVC_STAT_TOKENS_READ, stop - start)
+        kvc_stats_add(t.stats, KVC_STAT_BYTES_READ, 2 * (stop - start) * out.row_bytes)
+        kvc_stats_add(t.stats, KVC_STAT_HOT_HITS, hot)
+        kvc_stats_add(t.stats, KVC_STAT_COLD_HITS, cold)
+    return status
+
+
 cdef class HotTier:
     """The block-organised RAM arenas of every layer, and their cold tier.
 
@@ -320,29 +348,7 @@ cdef class HotTier:
 
         A row counts as a cold hit when its block was cold as the read found
         it, also when the read promotes the block to serve it."""
-        cdef HotLayer *L = &self.t.layers[layer]
-        cdef Py_ssize_t hot = 0, cold = 0
-        cdef int status = KVC_OK
-        cdef RowFmt out = row_format(kind, self.t.hot_fmt.n_heads, self.t.hot_fmt.head_dim)
-        kvc_lock_acquire(&L.lock)
-        if L.keys == NULL:
-            status = kvc_fail(e, KVC_E_CLOSED, layer, -1)
-        elif stop > L.length:
-            status = kvc_fail(e, KVC_E_RANGE, layer, -1)
-            e.held, e.asked = L.length, stop
-        elif not self.t.tiered:  # one arena, block b in slot b: a single pass
-            status = convert_pair(self.t.ops, False, &self.t.hot_fmt, slot_rows(&self.t, L, 0, start), &out,
-                                  dst, stop - start)
-            hot = stop - start
-        else:
-            status = read_locked(&self.t, L, &out, start, stop, dst, e, &hot, &cold)
-        kvc_lock_release(&L.lock)
-        if status == KVC_OK:
-            kvc_stats_add(self.t.stats, KVC_STAT_TOKENS_READ, stop - start)
-            kvc_stats_add(self.t.stats, KVC_STAT_BYTES_READ, 2 * (stop - start) * out.row_bytes)
-            kvc_stats_add(self.t.stats, KVC_STAT_HOT_HITS, hot)
-            kvc_stats_add(self.t.stats, KVC_STAT_COLD_HITS, cold)
-        return status
+        return read_layer(&self.t, layer, kind, start, stop, dst, e)
 
     cdef int write_back_range(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop,
                               bint check, kvc_error *e) noexcept nogil:

@@ -1,0 +1,434 @@
+"""PrefixStore: a content-addressed store of KV blocks shared across requests,
+processes and restarts.
+
+Owns: the store's API (save, match, load, stats, close), its RAM tier (an
+LRU of records bounded by ``ram_bytes``), the order of a load (fetch the
+chain, check every record, then copy) and the counters.  The key spec is
+kvcache.prefix.keys', the record format kvcache.prefix.record's, the files
+kvcache.prefix.disk's, the copies kvcache._blocks'.
+Must not touch: a cache's internals (it goes through kvcache._blocks and the
+cache's public methods) or record bytes outside kvcache.prefix.record.
+
+Thread contract: every method may be called from any thread.  One lock
+guards the RAM tier's map and the counters, held only to look up, insert or
+count: checks, copies and file I/O run outside it (records are immutable,
+and a record dropped from RAM while a load copies it stays alive until that
+load ends).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+from kvcache._blocks import append_rows, crc32c_many, read_rows
+from kvcache.config import usable_cores
+from kvcache.errors import CacheClosedError
+from kvcache.prefix import record as rec
+from kvcache.prefix.keys import chain, root_key, token_ids
+
+log = logging.getLogger("kvcache")
+
+TIERS = ("ram", "disk")
+DEFAULT_RAM_BYTES = 1 << 30
+STAT_NAMES = (
+    "lookups", "query_tokens", "hit_tokens_ram", "hit_tokens_disk", "blocks_saved",
+    "records_ram", "bytes_ram", "records_disk", "bytes_disk", "evictions_ram", "evictions_disk",
+    "promotions", "integrity_failures", "integrity_failures_ram", "integrity_failures_disk",
+    "mac_failures",
+)
+
+
+def _int_option(name: str, value, low: int, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"PrefixStore.{name}: expected an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"PrefixStore.{name}: expected an int >= {low}, got {value}")
+    return value
+
+
+def _kv_of(cache):
+    """The TieredKVCache behind ``cache`` (itself, or an integration's ``.kv``)."""
+    from kvcache._cache import TieredKVCache
+    if isinstance(cache, TieredKVCache):
+        return cache
+    kv = getattr(cache, "kv", None)
+    if isinstance(kv, TieredKVCache):
+        return kv
+    raise TypeError(f"expected a TieredKVCache (or a TieredCache), got {type(cache).__name__}")
+
+
+class PrefixStore:
+    """Blocks of KV keyed by the prompt that produced them, reusable by any cache
+    of the same model and shape.
+
+    Parameters
+    ----------
+    model : str
+        Names the weights (``"org/name@revision"``): part of every key.
+    n_layers, n_kv_heads, head_dim, block_tokens : int
+        The shape of the caches it serves (``block_tokens`` is also the
+        record size: one record per full block).
+    dtype : str
+        The caches' (hot) dtype: records hold rows in it.
+    ram_bytes : int
+        Bound on the records held in RAM (LRU); 0 keeps none there.
+    disk_dir : str or os.PathLike, optional
+        A directory for the disk tier (one file per record; shared safely by
+        several processes).  RAM writes through to it.
+    disk_bytes : int, optional
+        Bound on the record files under ``disk_dir`` (LRU across every
+        process sharing it); None: unbounded.
+    salt : bytes
+        Part of every key: stores with different salts never share records.
+    secret : bytes, optional
+        Records carry an HMAC-SHA256 under it instead of a CRC32C: whoever
+        can write ``disk_dir`` without it cannot inject KV.
+    threads : int, optional
+        Native threads for checksums (default: every usable core).
+
+    Notes
+    -----
+    Thread-safe; a context manager; :meth:`close` frees the RAM tier.
+    """
+
+    def __init__(self, model: str, *, n_layers: int, n_kv_heads: int, head_dim: int,
+                 block_tokens: int, dtype: str = "float32", ram_bytes: int = DEFAULT_RAM_BYTES,
+                 disk_dir=None, disk_bytes: Optional[int] = None, salt: bytes = b"",
+                 secret: Optional[bytes] = None, threads: Optional[int] = None):
+        self.root = root_key(model=model, n_layers=n_layers, n_kv_heads=n_kv_heads,
+                             head_dim=head_dim, block_tokens=block_tokens, dtype=dtype, salt=salt)
+        if secret is not None and (not isinstance(secret, (bytes, bytearray)) or not secret):
+            raise TypeError(f"PrefixStore.secret: expected non-empty bytes or None, "
+                            f"got {type(secret).__name__}")
+        self.model = model
+        self.layout = rec.Layout(int(n_layers), int(n_kv_heads), int(head_dim), int(block_tokens),
+                                 dtype, secret is not None)
+        self.ram_bytes = _int_option("ram_bytes", ram_bytes, 0)
+        self.disk_bytes = _int_option("disk_bytes", disk_bytes, 0, allow_none=True)
+        self.threads = _int_option("threads", threads if threads is not None else usable_cores(), 1)
+        self._secret = bytes(secret) if secret is not None else None
+        self._lock = threading.Lock()
+        self._ram: "OrderedDict[bytes, object]" = OrderedDict()
+        self._ram_used = 0
+        self._counts: Dict[str, int] = {name: 0 for name in STAT_NAMES}
+        self._closed = False
+        self.disk = None
+        if disk_dir is not None:
+            from kvcache.prefix.disk import DiskTier
+            self.disk = DiskTier(disk_dir, self.disk_bytes)
+
+    @classmethod
+    def for_cache(cls, cache, model: str, **options) -> "PrefixStore":
+        """A store for caches shaped like ``cache`` (its layers, heads, head_dim,
+        block_tokens and dtype); ``options`` are the other keywords."""
+        c = _kv_of(cache).config
+        return cls(model, n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
+                   block_tokens=c.block_tokens, dtype=c.dtype, **options)
+
+    # -- lifetime ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Drop the RAM tier (the disk tier's files stay).  Idempotent."""
+        with self._lock:
+            self._closed = True
+            self._ram.clear()
+            self._ram_used = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "PrefixStore":
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        L = self.layout
+        return (f"<PrefixStore {self.model!r} {L.n_layers}x{L.n_kv_heads}x{L.head_dim}:"
+                f"{L.block_tokens}:{L.dtype}, {len(self._ram)} records in RAM"
+                f"{', disk ' + self.disk.path if self.disk else ''}{', closed' if self._closed else ''}>")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CacheClosedError("this PrefixStore is closed")
+
+    def _check_cache(self, cache, op: str):
+        kv = _kv_of(cache)
+        c, L = kv.config, self.layout
+        for name, mine in (("n_layers", L.n_layers), ("n_kv_heads", L.n_kv_heads),
+                           ("head_dim", L.head_dim), ("block_tokens", L.block_tokens),
+                           ("dtype", L.dtype)):
+            if getattr(c, name) != mine:
+                raise ValueError(f"PrefixStore.{op}: the store holds {name}={mine!r}, "
+                                 f"the cache has {name}={getattr(c, name)!r}")
+        return kv
+
+    # -- the RAM tier (callers hold self._lock) ----------------------------------------
+    def _ram_insert(self, key: bytes, buf) -> bool:
+        if key in self._ram:
+            self._ram.move_to_end(key)
+            return False
+        size = len(buf)
+        if size > self.ram_bytes:
+            return False
+        while self._ram_used + size > self.ram_bytes:
+            _, old = self._ram.popitem(last=False)
+            self._ram_used -= len(old)
+            self._counts["evictions_ram"] += 1
+        self._ram[key] = buf
+        self._ram_used += size
+        return True
+
+    def _ram_drop(self, key: bytes, buf) -> None:
+        if self._ram.get(key) is buf:
+            del self._ram[key]
+            self._ram_used -= len(buf)
+
+    def _holds(self, key: bytes) -> Optional[str]:
+        with self._lock:
+            if key in self._ram:
+                return "ram"
+        if self.disk is not None and self.disk.holds(key):
+            return "disk"
+        return None
+
+    # -- save ---------------------------------------------------------------------------
+    def save(self, cache, tokens) -> int:
+        """Copy every full block of ``tokens`` that the store lacks out of ``cache``.
+
+        Parameters
+        ----------
+        cache : TieredKVCache or TieredCache
+            A cache of the store's shape whose positions ``0..len(tokens)-1``
+            hold the KV of ``tokens`` (blocks past the shortest layer's length
+            are not saved).
+        tokens : list of int, numpy integer array or torch tensor
+            Token ids, shape ``[T]`` or ``[1, T]``.
+
+        Returns
+        -------
+        int
+            Blocks added (already stored ones are not copied again).
+
+        Raises
+        ------
+        TypeError, ValueError
+            Bad token ids; a cache of another shape, dtype or block_tokens
+            (the message names the field).
+        CorruptionError
+            A cold block of the cache failing its checksum (nothing is added
+            for it or after it).
+        OSError
+            The disk tier cannot write (the records stay in RAM).
+        """
+        self._check_open()
+        ids = token_ids(tokens)
+        kv = self._check_cache(cache, "save")
+        L = self.layout
+        B = L.block_tokens
+        n = min(len(ids), kv.seq_len) // B
+        keys = chain(self.root, ids, B, n)
+        missing = [i for i, key in enumerate(keys) if self._holds(key) is None]
+        if not missing:
+            return 0
+        bufs = []
+        for i in missing:
+            buf = rec.new_buffer(L.total)
+            rec.write_header(buf, L, keys[i], keys[i - 1] if i else self.root, ids[i * B:(i + 1) * B])
+            read_rows(kv, i * B, (i + 1) * B, buf, L.header_bytes)
+            bufs.append(buf)
+        crcs = ([None] * len(bufs) if L.mac else
+                crc32c_many(bufs, [L.body_bytes] * len(bufs), self.threads))
+        added = 0
+        for i, buf, crc in zip(missing, bufs, crcs):
+            rec.seal(buf, L, self._secret, crc)
+            with self._lock:
+                self._check_open()
+                fresh = self._ram_insert(keys[i], buf)
+            wrote = self.disk.write(keys[i], buf) if self.disk is not None else False
+            if fresh or wrote:
+                added += 1
+        with self._lock:
+            self._counts["blocks_saved"] += added
+        return added
+
+    # -- lookups ------------------------------------------------------------------------
+    def match(self, tokens) -> int:
+        """Positions of the longest stored prefix of ``tokens`` (a multiple of
+        ``block_tokens``), loading and checking nothing."""
+        self._check_open()
+        ids = token_ids(tokens)
+        B = self.layout.block_tokens
+        hits = {t: 0 for t in TIERS}
+        for key in chain(self.root, ids, B):
+            tier = self._holds(key)
+            if tier is None:
+                break
+            hits[tier] += B
+        self._count_lookup(len(ids), hits)
+        return sum(hits.values())
+
+    def _count_lookup(self, n_tokens: int, hits: Dict[str, int]) -> None:
+        with self._lock:
+            self._counts["lookups"] += 1
+            self._counts["query_tokens"] += n_tokens
+            for tier, n in hits.items():
+                self._counts["hit_tokens_" + tier] += n
+
+    def _fetch(self, keys: List[bytes]) -> List[Tuple[object, str, object]]:
+        """(buffer, tier, inode) of the stored chain's records, up to the first miss."""
+        out = []
+        for key in keys:
+            with self._lock:
+                buf = self._ram.get(key)
+                if buf is not None:
+                    self._ram.move_to_end(key)
+            if buf is not None:
+                out.append((buf, "ram", None))
+                continue
+            if self.disk is None:
+                break
+            buf, inode = self.disk.read(key, self.layout.total)
+            if buf is None:
+                break
+            out.append((buf, "disk", inode))
+        return out
+
+    def _verified(self, keys, ids, found) -> int:
+        """How many of the fetched records, in chain order, pass every check
+        (a failing one is counted, logged and removed unless only its MAC fails)."""
+        L, B = self.layout, self.layout.block_tokens
+        bad = None
+        for i, (buf, tier, _) in enumerate(found):
+            why = rec.check_header(buf, L, keys[i], keys[i - 1] if i else self.root, ids[i * B:(i + 1) * B])
+            if why is not None:
+                bad = (i, why)
+                break
+        n = len(found) if bad is None else bad[0]
+        if L.mac:
+            for i in range(n):
+                if not rec.check_mac(found[i][0], L, self._secret):
+                    bad = (i, rec.BAD_MAC)
+                    break
+        elif n:
+            crcs = crc32c_many([f[0] for f in found[:n]], [L.body_bytes] * n, self.threads)
+            for i in range(n):
+                if crcs[i] != rec.stored_crc(found[i][0], L):
+                    bad = (i, rec.BAD_CRC)
+                    break
+        if bad is None:
+            return len(found)
+        i, why = bad
+        self._refuse(keys[i], i, why, *found[i])
+        return i
+
+    def _refuse(self, key: bytes, block: int, why: str, buf, tier: str, inode) -> None:
+        where = (self.disk.file_of(key) if tier == "disk" else f"RAM record {key.hex()}")
+        with self._lock:
+            self._counts["integrity_failures"] += 1
+            self._counts["integrity_failures_" + tier] += 1
+            if why == rec.BAD_MAC:
+                self._counts["mac_failures"] += 1
+            elif tier == "ram":
+                self._ram_drop(key, buf)
+        if why == rec.BAD_MAC:
+            log.error("kvcache prefix store: %s (block %d) fails its HMAC: a miss, kept (written "
+                      "with another secret, or forged)", where, block)
+            return
+        log.error("kvcache prefix store: %s (block %d) fails its %s check: a miss, removed",
+                  where, block, why)
+        if tier == "disk":
+            self.disk.remove(key, inode)
+
+    def load(self, cache, tokens) -> int:
+        """Copy the longest stored prefix of ``tokens`` into the empty ``cache``.
+
+        At most ``len(tokens) - 1`` positions are loaded (the model must still
+        compute the last prompt token), and at most the cache's
+        ``max_seq_len``.  Every record is checked (size, header, key, parent,
+        token ids, then its CRC32C or HMAC) before any byte of it is copied;
+        the first one failing ends the prefix (a counted miss).  The cache
+        then holds exactly what storing those positions had stored.
+
+        Returns
+        -------
+        int
+            Positions loaded (the cache's new length in every layer).
+
+        Raises
+        ------
+        TypeError, ValueError
+            Bad token ids; a cache of another shape (naming the field); a
+            cache that is not empty.
+        CacheFullError, ColdStoreError
+            The cache cannot take the rows (it is left empty).
+        """
+        self._check_open()
+        ids = token_ids(tokens)
+        kv = self._check_cache(cache, "load")
+        lengths = [kv.layer_len(layer) for layer in range(self.layout.n_layers)]
+        if any(lengths):
+            raise ValueError(f"PrefixStore.load: expected an empty cache, got one holding "
+                             f"{max(lengths)} positions")
+        B = self.layout.block_tokens
+        limit = max(0, min(len(ids) - 1, kv.config.max_seq_len))
+        keys = chain(self.root, ids, B, -(-limit // B))
+        found = self._fetch(keys)
+        good = self._verified(keys, ids, found)
+        positions = min(good * B, limit)
+        blocks = -(-positions // B)
+        hits = {t: 0 for t in TIERS}
+        for i in range(blocks):
+            hits[found[i][1]] += min(B, positions - i * B)
+        if blocks:
+            try:
+                append_rows(kv, [f[0] for f in found[:blocks]], self.layout.header_bytes, B,
+                            positions - (blocks - 1) * B)
+            except BaseException:
+                kv.truncate(0)
+                raise
+            self._promote(keys[:blocks], found[:blocks])
+        self._count_lookup(len(ids), hits)
+        return positions
+
+    def _promote(self, keys, found) -> None:
+        """Disk hits come back to RAM and become the disk tier's most recent."""
+        for key, (buf, tier, _) in zip(keys, found):
+            if tier != "disk":
+                continue
+            self.disk.touch(key)
+            with self._lock:
+                if not self._closed and self._ram_insert(key, buf):
+                    self._counts["promotions"] += 1
+
+    # -- accounting ---------------------------------------------------------------------
+    def stats(self) -> Dict[str, int]:
+        """Counters since creation, as a dict of ints.
+
+        ``lookups`` counts match and load calls, ``query_tokens`` the token
+        ids they were given, ``hit_tokens_<tier>`` the positions they returned
+        by the tier that held each block (ram, disk); ``blocks_saved`` the
+        records save added; ``records_<tier>`` / ``bytes_<tier>`` what each
+        tier holds now (disk: every process's files, as of this process's
+        last write or scan); ``evictions_<tier>`` the records this store
+        dropped for its budgets; ``promotions`` disk records brought back to
+        RAM; ``integrity_failures`` (by tier in ``integrity_failures_<tier>``)
+        the records refused by a check, of which ``mac_failures`` by their
+        HMAC.
+        """
+        with self._lock:
+            out = dict(self._counts)
+            out["records_ram"] = len(self._ram)
+            out["bytes_ram"] = self._ram_used
+        if self.disk is not None:
+            with self.disk._lock:
+                out["records_disk"] = self.disk.records
+                out["bytes_disk"] = self.disk.bytes
+                out["evictions_disk"] = self.disk.evictions
+        return out
