@@ -1,7 +1,20 @@
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint32_t, uint64_t
 from kvcache._ckvc cimport kvc_error
 from kvcache._codec cimport RowFmt, Rows
 from kvcache._tier cimport HotLayer, Tier
+
+ctypedef bint (*append_verify_fn)(void *ctx, const uint32_t *crcs) noexcept nogil
+
+cdef struct AppendCheck:
+    # Optional checksums of an append_all (a prefix load): each layer's task takes
+    # the CRC32C of its source keys and values (``rows`` dense rows each, at least
+    # the rows stored) just before copying them, into crcs[2l] and crcs[2l + 1];
+    # then, with every lock still held, ``verify`` accepts them, or the whole
+    # append is undone and fails with KVC_E_CORRUPT (nothing was ever visible).
+    Py_ssize_t rows
+    uint32_t *crcs                     # [2 * n_layers]
+    append_verify_fn verify
+    void *ctx
 
 cdef struct AppendJob:
     # One store_layers call, shared by the pool threads: task l stores layer l.
@@ -12,6 +25,7 @@ cdef struct AppendJob:
     Py_ssize_t k_layer_step, v_layer_step
     int *status                        # [n_layers]
     kvc_error *errors                  # [n_layers]: each task's own record
+    AppendCheck *check                 # NULL, or the checksums to take and verify
 
 cdef void cut(Tier *t, HotLayer *L, Py_ssize_t n, Py_ssize_t extent) noexcept nogil
 cdef int check_room(Tier *t, HotLayer *L, Py_ssize_t n, uint64_t *need, kvc_error *e) noexcept nogil

@@ -19,6 +19,7 @@ from kvcache._ckvc cimport (
 from kvcache._codec cimport RowFmt, Rows, convert_pair, rows_at
 from kvcache._moves cimport drop_disk_rows, load_block, take_slot, verify
 from kvcache._policy cimport Block, promotes, read_promotes
+from kvcache._simd cimport simd_ops
 from kvcache._tier cimport HotLayer, Tier, clamp_rows, cold_rows, slot_rows
 
 
@@ -148,6 +149,9 @@ cdef void append_task(void *ctx, size_t l) noexcept nogil:
     cdef Rows src = j.src
     src.k += <Py_ssize_t>l * j.k_layer_step
     src.v += <Py_ssize_t>l * j.v_layer_step
+    if j.check != NULL:  # read once here: the copy right after finds the rows in cache
+        j.check.crcs[2 * l] = simd_ops().crc32c(0, src.k, <size_t>(j.check.rows * j.fmt.row_bytes))
+        j.check.crcs[2 * l + 1] = simd_ops().crc32c(0, src.v, <size_t>(j.check.rows * j.fmt.row_bytes))
     j.status[l] = append_locked(j.tier, &j.tier.layers[l], j.fmt, j.n, src, &j.errors[l])
 
 

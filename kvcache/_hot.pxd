@@ -1,5 +1,6 @@
 from kvcache._ckvc cimport kvc_error
 from kvcache._codec cimport Rows
+from kvcache._copy cimport AppendCheck
 from kvcache._tier cimport HotLayer, Tier
 
 
@@ -17,7 +18,7 @@ cdef class HotTier:
 
     cdef int append(self, Py_ssize_t layer, int kind, Py_ssize_t n, Rows src, kvc_error *e) noexcept nogil
     cdef int append_all(self, int kind, Py_ssize_t n, Rows src, Py_ssize_t k_layer_step,
-                        Py_ssize_t v_layer_step, kvc_error *e) noexcept nogil
+                        Py_ssize_t v_layer_step, kvc_error *e, AppendCheck *check=*) noexcept nogil
     cdef int read(self, Py_ssize_t layer, int kind, Py_ssize_t start, Py_ssize_t stop, Rows dst,
                   kvc_error *e) noexcept nogil
     cdef int write_back_range(self, Py_ssize_t layer, Py_ssize_t start, Py_ssize_t stop,

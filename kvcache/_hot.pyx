@@ -23,7 +23,7 @@ from libc.stdlib cimport calloc, free
 from cpython.pyport cimport PY_SSIZE_T_MAX
 
 from kvcache._ckvc cimport (
-    KVC_OK, KVC_E_NOMEM, KVC_E_FULL, KVC_E_CLOSED, KVC_E_RANGE,
+    KVC_OK, KVC_E_NOMEM, KVC_E_FULL, KVC_E_CLOSED, KVC_E_RANGE, KVC_E_CORRUPT,
     KVC_STAT_TOKENS_STORED, KVC_STAT_BYTES_STORED, KVC_STAT_TOKENS_READ,
     KVC_STAT_BYTES_READ, KVC_STAT_HOT_HITS, KVC_STAT_COLD_HITS, KVC_STAT_EVICTIONS,
     KVC_STAT_EVICTION_BLOCKS, KVC_STAT_PROMOTIONS, KVC_STAT_PROMOTION_BLOCKS,
@@ -37,7 +37,7 @@ from kvcache._codec cimport RowFmt, Rows, convert_pair, row_format
 from kvcache._codec import DTYPES
 from kvcache._cold cimport ColdFiles, layer_files
 from kvcache._copy cimport (
-    AppendJob, append_locked, append_task, check_room, close_layer, cold_fits, cut, moves_blocks, read_locked,
+    AppendCheck, AppendJob, append_locked, append_task, check_room, close_layer, cold_fits, cut, moves_blocks, read_locked,
 )
 from kvcache._format cimport row_offset
 from kvcache._moves cimport load_block, write_back_blocks
@@ -282,10 +282,11 @@ cdef class HotTier:
         return status
 
     cdef int append_all(self, int kind, Py_ssize_t n, Rows src, Py_ssize_t k_layer_step,
-                        Py_ssize_t v_layer_step, kvc_error *e) noexcept nogil:
+                        Py_ssize_t v_layer_step, kvc_error *e, AppendCheck *check=NULL) noexcept nogil:
         """Append n rows of format ``kind`` to every layer (layer l's rows
         ``l * k_layer_step`` / ``l * v_layer_step`` bytes after ``src``): all
-        layers or none (every lock held)."""
+        layers or none (every lock held), and with ``check`` only if its
+        verify accepts the source's checksums (see kvcache._copy.AppendCheck)."""
         cdef Py_ssize_t l
         cdef int status = KVC_OK
         cdef int threads = self.threads
@@ -319,6 +320,7 @@ cdef class HotTier:
             job.n = n
             job.src = src
             job.k_layer_step, job.v_layer_step = k_layer_step, v_layer_step
+            job.check = check
             if 2 * n * self.t.n_layers * self.t.row_bytes < PARALLEL_MIN_BYTES and not moves_blocks(&self.t, n):
                 threads = 1
             self.last_threads = kvc_pool_run(threads, self.t.n_layers, append_task, &job)
@@ -327,6 +329,8 @@ cdef class HotTier:
                     status = job.status[l]
                     e[0] = job.errors[l]  # the first failing layer's own record
                     break
+            if status == KVC_OK and check != NULL and not check.verify(check.ctx, check.crcs):
+                status = kvc_fail(e, KVC_E_CORRUPT, -1, -1)
             if status != KVC_OK:  # undo the layers that succeeded
                 for l in range(self.t.n_layers):
                     if self.t.layers[l].length != old[l]:

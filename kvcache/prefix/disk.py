@@ -164,8 +164,8 @@ class DiskTier:
     def holds(self, key: bytes) -> bool:
         return os.path.isfile(self.file_of(key))
 
-    def read(self, key: bytes, expected: int):
-        """The bytes of ``key``'s file as an aligned buffer and the file's inode,
+    def read(self, key: bytes, expected: int, allocate=new_buffer):
+        """The bytes of ``key``'s file in a buffer from ``allocate(size)``, and the file's inode,
         or (None, None) if there is none; a file of another size comes back as
         it is (the caller's size check refuses it)."""
         try:
@@ -181,7 +181,7 @@ class DiskTier:
             size = st.st_size
             if not stat.S_ISREG(st.st_mode) or size != expected:
                 return b"", st.st_ino
-            buf = new_buffer(size)
+            buf = allocate(size)
             view, got = memoryview(buf), 0
             while got < size:
                 n = os.readv(fd, [view[got:]])

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
-from kvcache._blocks import append_rows, crc32c_many, read_rows
+from kvcache._blocks import append_rows, read_rows
 from kvcache.config import usable_cores
 from kvcache.errors import CacheClosedError
 from kvcache.prefix import record as rec
 from kvcache.prefix.keys import chain, root_key, token_ids
+from kvcache.prefix.ram import RamTier, take_buffer
 
 log = logging.getLogger("kvcache")
 
@@ -112,8 +112,7 @@ class PrefixStore:
         self.threads = _int_option("threads", threads if threads is not None else usable_cores(), 1)
         self._secret = bytes(secret) if secret is not None else None
         self._lock = threading.Lock()
-        self._ram: "OrderedDict[bytes, object]" = OrderedDict()
-        self._ram_used = 0
+        self._ram = RamTier(self.ram_bytes, self.layout.total)
         self._counts: Dict[str, int] = {name: 0 for name in STAT_NAMES}
         self._closed = False
         self.disk = None
@@ -135,7 +134,6 @@ class PrefixStore:
         with self._lock:
             self._closed = True
             self._ram.clear()
-            self._ram_used = 0
 
     @property
     def closed(self) -> bool:
@@ -169,30 +167,12 @@ class PrefixStore:
                                  f"the cache has {name}={getattr(c, name)!r}")
         return kv
 
-    # -- the RAM tier (callers hold self._lock) ----------------------------------------
-    def _ram_insert(self, key: bytes, buf) -> bool:
-        if key in self._ram:
-            self._ram.move_to_end(key)
-            return False
-        size = len(buf)
-        if size > self.ram_bytes:
-            return False
-        while self._ram_used + size > self.ram_bytes:
-            _, old = self._ram.popitem(last=False)
-            self._ram_used -= len(old)
-            self._counts["evictions_ram"] += 1
-        self._ram[key] = buf
-        self._ram_used += size
-        return True
-
-    def _ram_drop(self, key: bytes, buf) -> None:
-        if self._ram.get(key) is buf:
-            del self._ram[key]
-            self._ram_used -= len(buf)
-
+    # -- tiers ------------------------------------------------------------------------
     def _holds(self, key: bytes) -> Optional[str]:
+        """The tier holding ``key``'s record (a RAM one becomes the most recent)."""
         with self._lock:
             if key in self._ram:
+                self._ram.records.move_to_end(key)
                 return "ram"
         if self.disk is not None and self.disk.holds(key):
             return "disk"
@@ -237,22 +217,30 @@ class PrefixStore:
         missing = [i for i, key in enumerate(keys) if self._holds(key) is None]
         if not missing:
             return 0
-        bufs = []
+        chain_keys = frozenset(keys)
+        bufs, crcs = [], []
         for i in missing:
-            buf = rec.new_buffer(L.total)
+            buf = take_buffer(self._ram, self._lock, L.total, chain_keys)
             rec.write_header(buf, L, keys[i], keys[i - 1] if i else self.root, ids[i * B:(i + 1) * B])
-            read_rows(kv, i * B, (i + 1) * B, buf, L.header_bytes)
+            crcs.append(read_rows(kv, i * B, (i + 1) * B, buf, L.header_bytes))  # CRC of the body
             bufs.append(buf)
-        crcs = ([None] * len(bufs) if L.mac else
-                crc32c_many(bufs, [L.body_bytes] * len(bufs), self.threads))
         added = 0
         for i, buf, crc in zip(missing, bufs, crcs):
-            rec.seal(buf, L, self._secret, crc)
+            rec.seal(buf, L, self._secret, None if L.mac else crc)
             with self._lock:
                 self._check_open()
-                fresh = self._ram_insert(keys[i], buf)
-            wrote = self.disk.write(keys[i], buf) if self.disk is not None else False
-            if fresh or wrote:
+                held = self._ram.insert(keys[i], buf, chain_keys)
+                if held is not None:
+                    held.pins += 1  # not recycled by another save while it is written out
+            try:
+                wrote = self.disk.write(keys[i], buf) if self.disk is not None else False
+            finally:
+                with self._lock:
+                    if held is not None:
+                        self._ram.unpin(held)
+                    else:
+                        self._ram.give_back(buf)
+            if held is not None or wrote:
                 added += 1
         with self._lock:
             self._counts["blocks_saved"] += added
@@ -282,53 +270,50 @@ class PrefixStore:
                 self._counts["hit_tokens_" + tier] += n
 
     def _fetch(self, keys: List[bytes]) -> List[Tuple[object, str, object]]:
-        """(buffer, tier, inode) of the stored chain's records, up to the first miss."""
+        """(buffer, tier, handle) of the stored chain's records, up to the first
+        miss; the handle is the pinned RAM record (unpin it) or the file's inode."""
         out = []
         for key in keys:
             with self._lock:
-                buf = self._ram.get(key)
-                if buf is not None:
-                    self._ram.move_to_end(key)
-            if buf is not None:
-                out.append((buf, "ram", None))
+                held = self._ram.get(key)
+            if held is not None:
+                out.append((held.buf, "ram", held))
                 continue
             if self.disk is None:
                 break
-            buf, inode = self.disk.read(key, self.layout.total)
+            buf, inode = self.disk.read(key, self.layout.total,
+                                        lambda n: take_buffer(self._ram, self._lock, n))
             if buf is None:
                 break
             out.append((buf, "disk", inode))
         return out
 
-    def _verified(self, keys, ids, found) -> int:
-        """How many of the fetched records, in chain order, pass every check
-        (a failing one is counted, logged and removed unless only its MAC fails)."""
-        L, B = self.layout, self.layout.block_tokens
-        bad = None
-        for i, (buf, tier, _) in enumerate(found):
-            why = rec.check_header(buf, L, keys[i], keys[i - 1] if i else self.root, ids[i * B:(i + 1) * B])
-            if why is not None:
-                bad = (i, why)
-                break
-        n = len(found) if bad is None else bad[0]
-        if L.mac:
-            for i in range(n):
-                if not rec.check_mac(found[i][0], L, self._secret):
-                    bad = (i, rec.BAD_MAC)
-                    break
-        elif n:
-            crcs = crc32c_many([f[0] for f in found[:n]], [L.body_bytes] * n, self.threads)
-            for i in range(n):
-                if crcs[i] != rec.stored_crc(found[i][0], L):
-                    bad = (i, rec.BAD_CRC)
-                    break
-        if bad is None:
-            return len(found)
-        i, why = bad
-        self._refuse(keys[i], i, why, *found[i])
-        return i
+    def _unpin(self, found, promoted) -> None:
+        """The end of a load: RAM records unpinned, disk buffers not promoted
+        to RAM given back to the free list."""
+        with self._lock:
+            for buf, tier, handle in found:
+                if tier == "ram":
+                    self._ram.unpin(handle)
+                elif id(buf) not in promoted:
+                    self._ram.give_back(buf)
 
-    def _refuse(self, key: bytes, block: int, why: str, buf, tier: str, inode) -> None:
+    def _checked(self, keys, ids, found) -> int:
+        """How many of the fetched records, in chain order, pass the checks made
+        before copying: size, header, key, parent, token ids, and with a secret
+        the HMAC (the CRC32C is checked as the rows are copied: ``load``).  The
+        first failing one is refused (:meth:`_refuse`)."""
+        L, B = self.layout, self.layout.block_tokens
+        for i, (buf, tier, inode) in enumerate(found):
+            why = rec.check_header(buf, L, keys[i], keys[i - 1] if i else self.root, ids[i * B:(i + 1) * B])
+            if why is None and L.mac and not rec.check_mac(buf, L, self._secret):
+                why = rec.BAD_MAC
+            if why is not None:
+                self._refuse(keys[i], i, why, buf, tier, inode)
+                return i
+        return len(found)
+
+    def _refuse(self, key: bytes, block: int, why: str, buf, tier: str, handle) -> None:
         where = (self.disk.file_of(key) if tier == "disk" else f"RAM record {key.hex()}")
         with self._lock:
             self._counts["integrity_failures"] += 1
@@ -336,7 +321,7 @@ class PrefixStore:
             if why == rec.BAD_MAC:
                 self._counts["mac_failures"] += 1
             elif tier == "ram":
-                self._ram_drop(key, buf)
+                self._ram.drop(key, buf)
         if why == rec.BAD_MAC:
             log.error("kvcache prefix store: %s (block %d) fails its HMAC: a miss, kept (written "
                       "with another secret, or forged)", where, block)
@@ -344,7 +329,7 @@ class PrefixStore:
         log.error("kvcache prefix store: %s (block %d) fails its %s check: a miss, removed",
                   where, block, why)
         if tier == "disk":
-            self.disk.remove(key, inode)
+            self.disk.remove(key, handle)
 
     def load(self, cache, tokens) -> int:
         """Copy the longest stored prefix of ``tokens`` into the empty ``cache``.
@@ -379,33 +364,46 @@ class PrefixStore:
         B = self.layout.block_tokens
         limit = max(0, min(len(ids) - 1, kv.config.max_seq_len))
         keys = chain(self.root, ids, B, -(-limit // B))
-        found = self._fetch(keys)
-        good = self._verified(keys, ids, found)
-        positions = min(good * B, limit)
-        blocks = -(-positions // B)
+        fetched = self._fetch(keys)
+        promoted = set()
+        try:
+            found = fetched[:self._checked(keys, ids, fetched)]
+            blocks = -(-min(len(found) * B, limit) // B)
+            copied = 0
+            if blocks:
+                bufs = [f[0] for f in found[:blocks]]
+                expect = None if self.layout.mac else [rec.stored_crc(b, self.layout) for b in bufs]
+                try:
+                    copied = append_rows(kv, bufs, self.layout.header_bytes, B,
+                                         min(B, limit - (blocks - 1) * B), expect)
+                except BaseException:
+                    kv.truncate(0)
+                    raise
+                if copied < blocks:  # record `copied` failed its CRC32C: undone, never visible
+                    self._refuse(keys[copied], copied, rec.BAD_CRC, *found[copied])
+                promoted = self._promote(keys[:copied], found[:copied])
+        finally:
+            self._unpin(fetched, promoted)
+        positions = min(copied * B, limit)
         hits = {t: 0 for t in TIERS}
-        for i in range(blocks):
+        for i in range(copied):
             hits[found[i][1]] += min(B, positions - i * B)
-        if blocks:
-            try:
-                append_rows(kv, [f[0] for f in found[:blocks]], self.layout.header_bytes, B,
-                            positions - (blocks - 1) * B)
-            except BaseException:
-                kv.truncate(0)
-                raise
-            self._promote(keys[:blocks], found[:blocks])
         self._count_lookup(len(ids), hits)
         return positions
 
-    def _promote(self, keys, found) -> None:
-        """Disk hits come back to RAM and become the disk tier's most recent."""
+    def _promote(self, keys, found) -> set:
+        """Disk hits come back to RAM and become the disk tier's most recent;
+        returns the ids of the buffers now held in RAM."""
+        promoted, protect = set(), frozenset(keys)
         for key, (buf, tier, _) in zip(keys, found):
             if tier != "disk":
                 continue
             self.disk.touch(key)
             with self._lock:
-                if not self._closed and self._ram_insert(key, buf):
+                if not self._closed and self._ram.insert(key, buf, protect) is not None:
                     self._counts["promotions"] += 1
+                    promoted.add(id(buf))
+        return promoted
 
     # -- accounting ---------------------------------------------------------------------
     def stats(self) -> Dict[str, int]:
@@ -425,7 +423,8 @@ class PrefixStore:
         with self._lock:
             out = dict(self._counts)
             out["records_ram"] = len(self._ram)
-            out["bytes_ram"] = self._ram_used
+            out["bytes_ram"] = self._ram.used
+            out["evictions_ram"] = self._ram.evictions
         if self.disk is not None:
             with self.disk._lock:
                 out["records_disk"] = self.disk.records
