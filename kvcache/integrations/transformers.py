@@ -8,6 +8,22 @@ Needs the ``transformers`` extra (``pip install "kvcache[transformers]"``)::
     out = model.generate(input_ids, cache=cache, max_new_tokens=64)   # or past_key_values=cache
     print(cache.kv.stats())
 
+Prefix reuse: with ``prefix_store=`` (a :class:`kvcache.PrefixStore` of the
+cache's shape, shared by every request and, through its ``disk_dir``, by
+every process), ``load_prefix`` copies the longest stored prefix of a prompt
+into the empty cache and ``generate`` computes only the rest (it feeds the
+model the prompt tokens past ``get_seq_length()``); ``save_prefix`` stores
+the full blocks of what the cache then holds::
+
+    L, H, D = model_shape(model.config)
+    store = PrefixStore("org/name@rev", n_layers=L, n_kv_heads=H, head_dim=D, block_tokens=256,
+                        dtype="float16", disk_dir="/var/tmp/kv-prefix")
+    cache = TieredCache(config=model.config, max_seq_len=4096, block_tokens=256, dtype="float16",
+                        prefix_store=store)
+    reused = cache.load_prefix(input_ids)                # positions not recomputed
+    out = model.generate(input_ids, cache=cache, max_new_tokens=64)
+    cache.save_prefix(out)                               # prompt + output, full blocks
+
 Keys and values cross the boundary without needless copies: a decode step's
 one-token states are stored straight from the model's tensors, and while the
 whole context is in RAM in the model's dtype, ``update`` returns tensors that
@@ -25,8 +41,9 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvcache import TieredKVCache
+from kvcache import PrefixStore, TieredKVCache
 from kvcache._codec import DTYPES
+from kvcache.prefix.keys import token_ids
 
 # torch dtypes that are store inputs, from the one dtype table
 _TORCH_DTYPES = {getattr(torch, d.torch): d.name for d in DTYPES.values() if d.torch is not None}
@@ -171,6 +188,31 @@ def _index(what, value) -> int:
     raise TypeError(f"{what} expected an int, got {type(value).__name__}")
 
 
+def _prefix_ids(ids, what: str):
+    """Token ids of one sequence (refusing a batch of several by name), as uint32."""
+    name = f"TieredCache.{what}: token ids"
+    shape = getattr(ids, "shape", None)
+    if shape is not None and len(shape) == 2 and shape[0] != 1:
+        raise ValueError(f"{name}: batch size 1 only, got shape {list(shape)}")
+    if isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], (list, tuple)):
+        if len(ids) != 1:
+            raise ValueError(f"{name}: batch size 1 only, got {len(ids)} sequences")
+        ids = ids[0]
+    return token_ids(ids, name)
+
+
+def _check_store(store, kv: TieredKVCache) -> None:
+    """Refuse a prefix store that does not fit ``kv`` with the store's own check."""
+    if not isinstance(store, PrefixStore):
+        raise TypeError(f"TieredCache: prefix_store expected a kvcache.PrefixStore or None, "
+                        f"got {type(store).__name__}")
+    try:
+        store._check_cache(kv, "load")
+    except ValueError as e:
+        why = str(e).partition(": ")[2] or str(e)  # drop the "PrefixStore.load: " prefix
+        raise ValueError(f"TieredCache: prefix_store does not fit this cache: {why}") from None
+
+
 def _check_single(indices, what):
     if list(indices) != [0]:
         raise ValueError(f"TieredCache.{what}: batch size 1 only, got indices {list(indices)}")
@@ -186,6 +228,11 @@ class TieredCache(Cache):
         included) and head_dim are read from it.
     max_seq_len : int
         Positions the cache may hold.
+    prefix_store : kvcache.PrefixStore, optional
+        Enables :meth:`load_prefix` and :meth:`save_prefix`.  Its n_layers,
+        n_kv_heads, head_dim, block_tokens and dtype must be the cache's
+        (else ValueError naming the field).  Shared: :meth:`close` leaves
+        it open.
     **options
         Any other :class:`kvcache.CacheConfig` field: ``hot_tokens``,
         ``block_tokens``, ``dtype``, ``cold_dtype``, ``cold_dir``,
@@ -199,11 +246,88 @@ class TieredCache(Cache):
     everything.  ``kv`` is the underlying TieredKVCache (stats, close).
     """
 
-    def __init__(self, config, max_seq_len: int, **options):
+    def __init__(self, config, max_seq_len: int, *, prefix_store: Optional[PrefixStore] = None,
+                 **options):
         n_layers, n_kv_heads, head_dim = model_shape(config)
         self.kv = TieredKVCache(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim,
                                 max_seq_len=max_seq_len, **options)
+        if prefix_store is not None:
+            try:
+                _check_store(prefix_store, self.kv)
+            except BaseException:
+                self.kv.close()
+                raise
+        self.prefix_store = prefix_store
         super().__init__(layers=[TieredLayer(self.kv, l) for l in range(n_layers)])
+
+    def _store(self, what: str) -> PrefixStore:
+        if self.prefix_store is None:
+            raise RuntimeError(f"TieredCache.{what}: this cache has no prefix store; create it with "
+                               f"TieredCache(..., prefix_store=kvcache.PrefixStore(...))")
+        return self.prefix_store
+
+    def load_prefix(self, input_ids) -> int:
+        """Copy the longest stored prefix of ``input_ids`` into this empty cache.
+
+        Then ``model.generate(input_ids, cache=cache)`` (or
+        ``past_key_values=cache``) computes only the positions past it: given
+        a cache holding ``get_seq_length()`` positions, generate feeds the
+        model ``input_ids[:, get_seq_length():]``.
+
+        Parameters
+        ----------
+        input_ids : torch tensor, numpy integer array or list of int
+            The whole prompt, shape ``[T]`` or ``[1, T]`` (batch size 1).
+
+        Returns
+        -------
+        int
+            Positions loaded: a multiple of ``block_tokens``, except that at
+            most ``T - 1`` are (the model must compute the last prompt token
+            to predict the next); 0 when nothing is stored.
+
+        Raises
+        ------
+        RuntimeError
+            The cache has no ``prefix_store``.
+        ValueError
+            A batch of more than one sequence; a cache that is not empty
+            (``reset()`` it first); bad token ids (TypeError for ids that
+            are not ints).
+        """
+        store = self._store("load_prefix")
+        ids = _prefix_ids(input_ids, "load_prefix")
+        held = max(self.kv.layer_len(l) for l in range(self.kv.config.n_layers))
+        if held:
+            raise ValueError(f"TieredCache.load_prefix: expected an empty cache (call reset() first), "
+                             f"got one holding {held} positions")
+        return store.load(self.kv, ids)
+
+    def save_prefix(self, token_ids) -> int:
+        """Store the full blocks of ``token_ids`` that the prefix store lacks.
+
+        Parameters
+        ----------
+        token_ids : torch tensor, numpy integer array or list of int
+            The ids at this cache's positions ``0..T-1``, shape ``[T]`` or
+            ``[1, T]``: after ``generate``, its output sequence (prompt and
+            new tokens).  Blocks past what the cache holds (generate does not
+            store its last token) are not saved.
+
+        Returns
+        -------
+        int
+            Blocks added to the store.
+
+        Raises
+        ------
+        RuntimeError
+            The cache has no ``prefix_store``.
+        ValueError
+            A batch of more than one sequence; bad token ids.
+        """
+        store = self._store("save_prefix")
+        return store.save(self.kv, _prefix_ids(token_ids, "save_prefix"))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         n, layer_idx = len(self.layers), _index("TieredCache: layer_idx", layer_idx)
@@ -221,7 +345,7 @@ class TieredCache(Cache):
         self.kv.reset()
 
     def close(self) -> None:
-        """Free the cache's memory (and its scratch files)."""
+        """Free the cache's memory (and its scratch files); the prefix store stays open."""
         for layer in self.layers:
             if isinstance(layer, TieredLayer):
                 layer._arenas = layer.keys = layer.values = None
