@@ -184,56 +184,81 @@ cdef bint _record_ok(void *ctx, const uint32_t *crcs) noexcept nogil:
     return _joined(r.head, crcs, r.parts, r.part_bytes) == r.expect
 
 
-def append_rows(cache, list bufs, Py_ssize_t offset, Py_ssize_t block_tokens, Py_ssize_t last,
-                list expect=None):
+def append_rows(cache, list records, Py_ssize_t offset, Py_ssize_t block_tokens, Py_ssize_t last,
+                list expect=None, scratch=None):
     """Append each record's ``block_tokens`` rows (the last record's first
     ``last``) to every layer of ``cache``, in order, through store_layers' path.
 
-    ``expect``: each record's stored CRC32C, checked over ``buf[:offset]``
-    and all its rows as they are copied (each layer reads its rows once,
-    summing them just before the copy); a record that does not match is
-    undone before any lock is released (nothing of it was ever visible) and
-    ends the load.  Returns how many records were appended.  Any other
-    failure raises the store's exception, the records before it stay
-    appended (the caller rolls back).
+    A record is a buffer holding all of it, or ``(header, fd)``: its first
+    ``offset`` bytes and a file descriptor of the whole record, whose rows
+    each layer reads into ``scratch`` (writable, ``2 * n_layers *
+    block_tokens * row_bytes`` bytes) just before summing and copying them;
+    ``(header, fd)`` needs ``expect``.
+
+    ``expect``: each record's stored CRC32C, checked over its first
+    ``offset`` bytes and all its rows as they are copied (each layer reads
+    its rows once, summing them just before the copy); a record that does
+    not match (or whose file reads short) is undone before any lock is
+    released (nothing of it was ever visible) and ends the load.  Returns how
+    many records were appended.  Any other failure raises the store's
+    exception, the records before it stay appended (the caller rolls back).
     """
     cdef HotTier hot = _hot_of(cache)
     cdef Tier *t = &hot.t
-    cdef Py_ssize_t i, n, rb = t.row_bytes, count = len(bufs)
+    cdef Py_ssize_t i, n, rb = t.row_bytes, count = len(records)
     cdef Py_ssize_t step = 2 * block_tokens * rb
     cdef list keep = []
     cdef const char **ptrs = <const char **>calloc(count + 1, sizeof(char *))
+    cdef int *fds = <int *>calloc(count + 1, sizeof(int))
     cdef RecordCheck *checks = <RecordCheck *>calloc(count + 1, sizeof(RecordCheck))
     cdef uint32_t *crcs = <uint32_t *>calloc(2 * t.n_layers, sizeof(uint32_t))
+    cdef char *scratch_p = NULL
+    cdef const char *head
     cdef AppendCheck check
     cdef int status = KVC_OK
     cdef kvc_error rec
     cdef bint verify = expect is not None
     try:
-        if ptrs == NULL or checks == NULL or crcs == NULL:
+        if ptrs == NULL or fds == NULL or checks == NULL or crcs == NULL:
             raise MemoryError()
         if verify and len(expect) != count:
             raise ValueError(f"append_rows: {count} records but {len(expect)} checksums")
         for i in range(count):
-            ptrs[i] = _readable(bufs[i], offset + t.n_layers * step, keep) + offset
+            r = records[i]
+            if isinstance(r, tuple):
+                if not verify or scratch is None:
+                    raise ValueError("append_rows: a record read from a file needs expect= and scratch=")
+                head = _readable(r[0], offset, keep)
+                fds[i] = r[1]
+                ptrs[i] = NULL
+            else:
+                head = _readable(r, offset + t.n_layers * step, keep)
+                fds[i] = -1
+                ptrs[i] = head + offset
             if verify:
-                checks[i].head = simd_ops().crc32c(0, ptrs[i] - offset, <size_t>offset)
+                checks[i].head = simd_ops().crc32c(0, head, <size_t>offset)
                 checks[i].expect = expect[i]
                 checks[i].parts = 2 * t.n_layers
                 checks[i].part_bytes = block_tokens * rb
+        if scratch is not None:
+            scratch_p = _writable(scratch, t.n_layers * step, keep)
         check.rows, check.crcs, check.verify = block_tokens, crcs, _record_ok
+        check.file_offset, check.scratch = offset, scratch_p
         kvc_error_clear(&rec)
         with nogil:
             for i in range(count):
                 n = last if i == count - 1 else block_tokens
                 check.ctx = &checks[i]
+                check.fd = fds[i]
+                head = ptrs[i] if ptrs[i] != NULL else scratch_p  # a file record's rows land in scratch
                 status = hot.append_all(t.hot_fmt.kind, n,
-                                        dense_rows(<char *>ptrs[i], <char *>ptrs[i] + block_tokens * rb, rb),
+                                        dense_rows(<char *>head, <char *>head + block_tokens * rb, rb),
                                         step, step, &rec, &check if verify else NULL)
                 if status != KVC_OK:
                     break
     finally:
         free(ptrs)
+        free(fds)
         free(checks)
         free(crcs)
     if status == KVC_E_CORRUPT and verify and rec.layer < 0:

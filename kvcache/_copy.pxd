@@ -11,10 +11,18 @@ cdef struct AppendCheck:
     # the rows stored) just before copying them, into crcs[2l] and crcs[2l + 1];
     # then, with every lock still held, ``verify`` accepts them, or the whole
     # append is undone and fails with KVC_E_CORRUPT (nothing was ever visible).
+    # With ``fd >= 0`` the source rows are first read from that file (a disk
+    # record): layer l's keys and values (2 * rows rows, contiguous) from
+    # ``file_offset + l * 2 * rows * row_bytes`` into ``scratch`` at
+    # ``l * 2 * rows * row_bytes``, a private copy that is then summed and copied
+    # (a short or failed read fails the append as KVC_E_CORRUPT, layer -1).
     Py_ssize_t rows
     uint32_t *crcs                     # [2 * n_layers]
     append_verify_fn verify
     void *ctx
+    int fd
+    Py_ssize_t file_offset
+    char *scratch
 
 cdef struct AppendJob:
     # One store_layers call, shared by the pool threads: task l stores layer l.

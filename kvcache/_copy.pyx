@@ -4,14 +4,18 @@ Owns: the checks a store must pass before it writes (``max_seq_len``,
 ``max_cold_bytes``), appending rows (taking or evicting slots through
 kvcache._moves, all or nothing), reading rows out of either tier (promoting
 what the policy brings back), forgetting positions, and one layer's task of
-a parallel ``store_layers``.  Every function runs with the layer's lock held
+a parallel ``store_layers`` (or of a prefix load, which may first read the
+layer's rows from a record file into private memory, and sums them).  Every function runs with the layer's lock held
 by its caller (kvcache._hot) and fills the caller's error record.
 Must not touch: locks, the thread pool, Python objects, file layouts.
 """
+from libc.errno cimport errno, EINTR
 from libc.stdint cimport uint64_t, UINT64_MAX
+from posix.types cimport off_t
+from posix.unistd cimport pread
 
 from kvcache._ckvc cimport (
-    KVC_OK, KVC_E_FULL, KVC_E_CLOSED, KVC_E_IO, KVC_LIMIT_SEQ_LEN, KVC_LIMIT_COLD_BYTES,
+    KVC_OK, KVC_E_FULL, KVC_E_CLOSED, KVC_E_IO, KVC_E_CORRUPT, KVC_LIMIT_SEQ_LEN, KVC_LIMIT_COLD_BYTES,
     KVC_STAT_TOKENS_STORED, KVC_STAT_BYTES_STORED, KVC_STAT_BYTES_FROM_COLD, KVC_STAT_COLD_BYTES,
     KVC_STAT_ROWS_HELD, kvc_error, kvc_error_clear, kvc_fail, kvc_fail_full, kvc_stats_add, kvc_stats_sub,
     kvc_stats_get,
@@ -144,14 +148,37 @@ cdef bint moves_blocks(Tier *t, Py_ssize_t n) noexcept nogil:
     return False
 
 
+cdef bint read_fully(int fd, char *dst, Py_ssize_t n, Py_ssize_t offset) noexcept nogil:
+    """pread n bytes at offset, retrying short reads and EINTR; False if the file ends first or fails."""
+    cdef ssize_t got
+    while n > 0:
+        got = pread(fd, dst, <size_t>n, <off_t>offset)
+        if got < 0 and errno == EINTR:
+            continue
+        if got <= 0:
+            return False
+        dst += got
+        offset += got
+        n -= got
+    return True
+
+
 cdef void append_task(void *ctx, size_t l) noexcept nogil:
     cdef AppendJob *j = <AppendJob *>ctx
     cdef Rows src = j.src
     src.k += <Py_ssize_t>l * j.k_layer_step
     src.v += <Py_ssize_t>l * j.v_layer_step
+    cdef Py_ssize_t part
     if j.check != NULL:  # read once here: the copy right after finds the rows in cache
-        j.check.crcs[2 * l] = simd_ops().crc32c(0, src.k, <size_t>(j.check.rows * j.fmt.row_bytes))
-        j.check.crcs[2 * l + 1] = simd_ops().crc32c(0, src.v, <size_t>(j.check.rows * j.fmt.row_bytes))
+        part = j.check.rows * j.fmt.row_bytes
+        if j.check.fd >= 0:
+            src.k = j.check.scratch + <Py_ssize_t>l * 2 * part
+            src.v = src.k + part
+            if not read_fully(j.check.fd, src.k, 2 * part, j.check.file_offset + <Py_ssize_t>l * 2 * part):
+                j.status[l] = kvc_fail(&j.errors[l], KVC_E_CORRUPT, -1, -1)
+                return
+        j.check.crcs[2 * l] = simd_ops().crc32c(0, src.k, <size_t>part)
+        j.check.crcs[2 * l + 1] = simd_ops().crc32c(0, src.v, <size_t>part)
     j.status[l] = append_locked(j.tier, &j.tier.layers[l], j.fmt, j.n, src, &j.errors[l])
 
 

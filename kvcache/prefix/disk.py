@@ -192,6 +192,32 @@ class DiskTier:
         finally:
             os.close(fd)
 
+    def open_record(self, key: bytes, expected: int, head: int, tail: int):
+        """``key``'s file opened for a load that reads its rows itself:
+        (fd, inode, its first ``head`` bytes, its last ``tail`` bytes), or None
+        if there is none; a file that is not a regular file of ``expected``
+        bytes gives (-1, inode, b"", b"") (the caller's size check refuses it).
+        The caller closes the fd."""
+        try:
+            fd = os.open(self.file_of(key), os.O_RDONLY | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return -1, None, b"", b""
+            raise
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size == expected:
+                first, last = os.pread(fd, head, 0), os.pread(fd, tail, expected - tail)
+                if len(first) == head and len(last) == tail:
+                    fd, kept = -1, fd
+                    return kept, st.st_ino, first, last
+            return -1, st.st_ino, b"", b""
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
     def touch(self, key: bytes) -> None:
         """Mark a hit: the record becomes the most recently used."""
         try:

@@ -121,10 +121,13 @@ def parse_header(buf) -> dict:
                 total=total, key=key, parent=parent)
 
 
-def check_header(buf, layout: Layout, key: bytes, parent: bytes, tokens: Optional[np.ndarray]) -> Optional[str]:
-    """The first cheap check ``buf`` fails (BAD_*), or None: size, header fields,
-    key, parent and token ids (``tokens`` None: checked against the key only)."""
-    if len(buf) != layout.total:
+def check_header(buf, layout: Layout, key: bytes, parent: bytes, tokens: Optional[np.ndarray],
+                 size: Optional[int] = None) -> Optional[str]:
+    """The first cheap check a record fails (BAD_*), or None: size, header fields,
+    key, parent and token ids (``tokens`` None: checked against the key only).
+    ``buf`` is the whole record, or with ``size`` (the record's length) its
+    first ``layout.header_bytes`` bytes."""
+    if (len(buf) if size is None else size) != layout.total or len(buf) < layout.header_bytes:
         return BAD_SIZE
     h = parse_header(buf)
     if (h["magic"] != MAGIC or h["version"] != VERSION or h["flags"] != (FLAG_HMAC if layout.mac else 0)

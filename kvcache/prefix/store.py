@@ -18,8 +18,12 @@ load ends).
 from __future__ import annotations
 
 import logging
+import os
+import struct
 import threading
 from typing import Dict, List, Optional, Tuple
+
+import numpy as np
 
 from kvcache._blocks import append_rows, read_rows
 from kvcache.config import usable_cores
@@ -38,6 +42,19 @@ STAT_NAMES = (
     "promotions", "integrity_failures", "integrity_failures_ram", "integrity_failures_disk",
     "mac_failures",
 )
+
+
+class _OnDisk:
+    """A disk record a load streams from its file (its rows never sit in a
+    buffer of their own): the header bytes, the open fd, the stored CRC32C."""
+
+    __slots__ = ("head", "fd", "crc")
+
+    def __init__(self, head, fd: int, crc: int):
+        self.head, self.fd, self.crc = head, fd, crc
+
+    def __len__(self) -> int:  # refused as BAD_SIZE when the file was not a full record
+        return len(self.head)
 
 
 def _int_option(name: str, value, low: int, allow_none: bool = False):
@@ -111,6 +128,7 @@ class PrefixStore:
         self.disk_bytes = _int_option("disk_bytes", disk_bytes, 0, allow_none=True)
         self.threads = _int_option("threads", threads if threads is not None else usable_cores(), 1)
         self._secret = bytes(secret) if secret is not None else None
+        self._scratch: list = []  # buffers of one record's rows for loads streaming from disk
         self._lock = threading.Lock()
         self._ram = RamTier(self.ram_bytes, self.layout.total)
         self._counts: Dict[str, int] = {name: 0 for name in STAT_NAMES}
@@ -134,6 +152,7 @@ class PrefixStore:
         with self._lock:
             self._closed = True
             self._ram.clear()
+            self._scratch.clear()
 
     @property
     def closed(self) -> bool:
@@ -218,14 +237,11 @@ class PrefixStore:
         if not missing:
             return 0
         chain_keys = frozenset(keys)
-        bufs, crcs = [], []
-        for i in missing:
+        added = 0
+        for i in missing:  # one block at a time: at the budget, each reuses an evicted buffer
             buf = take_buffer(self._ram, self._lock, L.total, chain_keys)
             rec.write_header(buf, L, keys[i], keys[i - 1] if i else self.root, ids[i * B:(i + 1) * B])
-            crcs.append(read_rows(kv, i * B, (i + 1) * B, buf, L.header_bytes))  # CRC of the body
-            bufs.append(buf)
-        added = 0
-        for i, buf, crc in zip(missing, bufs, crcs):
+            crc = read_rows(kv, i * B, (i + 1) * B, buf, L.header_bytes)  # summed as it copies
             rec.seal(buf, L, self._secret, None if L.mac else crc)
             with self._lock:
                 self._check_open()
@@ -271,8 +287,9 @@ class PrefixStore:
 
     def _fetch(self, keys: List[bytes]) -> List[Tuple[object, str, object]]:
         """(buffer, tier, handle) of the stored chain's records, up to the first
-        miss; the handle is the pinned RAM record (unpin it) or the file's inode."""
-        out = []
+        miss; the handle is the pinned RAM record (unpin it) or the file's inode.
+        A disk record is a buffer, or an _OnDisk when loads stream (close its fd)."""
+        L, out = self.layout, []
         for key in keys:
             with self._lock:
                 held = self._ram.get(key)
@@ -281,12 +298,26 @@ class PrefixStore:
                 continue
             if self.disk is None:
                 break
-            buf, inode = self.disk.read(key, self.layout.total,
-                                        lambda n: take_buffer(self._ram, self._lock, n))
+            if self._streams():
+                got = self.disk.open_record(key, L.total, L.header_bytes, rec.CRC_BYTES)
+                if got is None:
+                    break
+                fd, inode, head, tail = got
+                out.append((_OnDisk(np.frombuffer(head, np.uint8), fd,
+                                    struct.unpack("<I", tail)[0] if tail else 0), "disk", inode))
+                continue
+            buf, inode = self.disk.read(key, L.total, lambda n: take_buffer(self._ram, self._lock, n))
             if buf is None:
                 break
             out.append((buf, "disk", inode))
         return out
+
+    def _streams(self) -> bool:
+        """Whether loads read disk records straight from their files (a record
+        cannot be promoted to RAM, and no HMAC needs it whole first): each
+        layer's rows go from the page cache into a private scratch buffer and
+        on into the cache, one pass instead of two."""
+        return not self.layout.mac and self.layout.total > self.ram_bytes
 
     def _unpin(self, found, promoted) -> None:
         """The end of a load: RAM records unpinned, disk buffers not promoted
@@ -295,6 +326,9 @@ class PrefixStore:
             for buf, tier, handle in found:
                 if tier == "ram":
                     self._ram.unpin(handle)
+                elif isinstance(buf, _OnDisk):
+                    if buf.fd >= 0:
+                        os.close(buf.fd)
                 elif id(buf) not in promoted:
                     self._ram.give_back(buf)
 
@@ -305,7 +339,12 @@ class PrefixStore:
         first failing one is refused (:meth:`_refuse`)."""
         L, B = self.layout, self.layout.block_tokens
         for i, (buf, tier, inode) in enumerate(found):
-            why = rec.check_header(buf, L, keys[i], keys[i - 1] if i else self.root, ids[i * B:(i + 1) * B])
+            tokens = ids[i * B:(i + 1) * B]
+            if isinstance(buf, _OnDisk):
+                why = rec.check_header(buf.head, L, keys[i], keys[i - 1] if i else self.root, tokens,
+                                       L.total if buf.fd >= 0 else 0)
+            else:
+                why = rec.check_header(buf, L, keys[i], keys[i - 1] if i else self.root, tokens)
             if why is None and L.mac and not rec.check_mac(buf, L, self._secret):
                 why = rec.BAD_MAC
             if why is not None:
@@ -372,13 +411,20 @@ class PrefixStore:
             copied = 0
             if blocks:
                 bufs = [f[0] for f in found[:blocks]]
-                expect = None if self.layout.mac else [rec.stored_crc(b, self.layout) for b in bufs]
+                expect = None if self.layout.mac else [
+                    b.crc if isinstance(b, _OnDisk) else rec.stored_crc(b, self.layout) for b in bufs]
+                records = [(b.head, b.fd) if isinstance(b, _OnDisk) else b for b in bufs]
+                scratch = self._take_scratch() if any(isinstance(b, _OnDisk) for b in bufs) else None
                 try:
-                    copied = append_rows(kv, bufs, self.layout.header_bytes, B,
-                                         min(B, limit - (blocks - 1) * B), expect)
+                    copied = append_rows(kv, records, self.layout.header_bytes, B,
+                                         min(B, limit - (blocks - 1) * B), expect, scratch)
                 except BaseException:
                     kv.truncate(0)
                     raise
+                finally:
+                    if scratch is not None:
+                        with self._lock:
+                            self._scratch.append(scratch)
                 if copied < blocks:  # record `copied` failed its CRC32C: undone, never visible
                     self._refuse(keys[copied], copied, rec.BAD_CRC, *found[copied])
                 promoted = self._promote(keys[:copied], found[:copied])
@@ -391,6 +437,12 @@ class PrefixStore:
         self._count_lookup(len(ids), hits)
         return positions
 
+    def _take_scratch(self):
+        with self._lock:
+            if self._scratch:
+                return self._scratch.pop()
+        return rec.new_buffer(self.layout.rows_bytes)
+
     def _promote(self, keys, found) -> set:
         """Disk hits come back to RAM and become the disk tier's most recent;
         returns the ids of the buffers now held in RAM."""
@@ -399,6 +451,8 @@ class PrefixStore:
             if tier != "disk":
                 continue
             self.disk.touch(key)
+            if isinstance(buf, _OnDisk):
+                continue
             with self._lock:
                 if not self._closed and self._ram.insert(key, buf, protect) is not None:
                     self._counts["promotions"] += 1
