@@ -134,9 +134,9 @@ class DiskTier:
         finally:
             os.close(fd)
 
-    def _scan(self) -> List[Tuple[float, int, str]]:
-        """(mtime, size, name) of every record file, oldest first."""
-        out = []
+    def _scan(self) -> List[Tuple[int, int, str]]:
+        """(mtime in ns, size, name) of every record file, oldest first."""
+        out: List[Tuple[int, int, str]] = []
         with os.scandir(self.path) as it:
             for entry in it:
                 if not is_record_name(entry.name):
@@ -249,9 +249,10 @@ class DiskTier:
         final = self.file_of(key)
         if os.path.exists(final):
             return True
-        tmp = os.path.join(self.path, f"{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-"
-                                      f"{next(_counter)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        path = os.path.join(self.path, f"{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-"
+                                       f"{next(_counter)}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp: Optional[str] = path  # None once renamed
         try:
             try:
                 os.fchmod(fd, 0o600)
@@ -276,7 +277,7 @@ class DiskTier:
                         pass
                     total -= fsize
                     evicted += 1
-                os.rename(tmp, final)
+                os.rename(path, final)
                 tmp = None
                 self._sync_dir()
             with self._lock:

@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -77,7 +77,8 @@ def new_buffer(nbytes: int) -> np.ndarray:
     allocator (large ones are anonymous mappings with transparent huge pages
     asked for: a 32 MiB record faults in 16 pages, not 8192)."""
     from kvcache._arena import Arena, WritableArena
-    return np.frombuffer(WritableArena(Arena(max(nbytes, 1))), np.uint8)[:nbytes]
+    arena: Any = WritableArena(Arena(max(nbytes, 1)))
+    return np.frombuffer(arena, np.uint8)[:nbytes]
 
 
 def write_header(buf: np.ndarray, layout: Layout, key: bytes, parent: bytes, tokens: np.ndarray) -> None:
@@ -96,10 +97,11 @@ def mac_of(secret: bytes, buf, n: int) -> bytes:
     return hmac.new(secret, memoryview(buf)[:n], hashlib.sha256).digest()
 
 
-def seal(buf: np.ndarray, layout: Layout, secret: Optional[bytes], crc: Optional[int] = None) -> None:
+def seal(buf: Any, layout: Layout, secret: Optional[bytes], crc: Optional[int] = None) -> None:
     """Write the trailer: the HMAC (with ``secret``) or the CRC32C (given, or computed)."""
     n = layout.body_bytes
     if layout.mac:
+        assert secret is not None, "a MAC record needs the secret"
         buf[n:n + MAC_BYTES] = np.frombuffer(mac_of(secret, buf, n), np.uint8)
     else:
         if crc is None:

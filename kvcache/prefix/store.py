@@ -21,7 +21,7 @@ import logging
 import os
 import struct
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -285,11 +285,12 @@ class PrefixStore:
             for tier, n in hits.items():
                 self._counts["hit_tokens_" + tier] += n
 
-    def _fetch(self, keys: List[bytes]) -> List[Tuple[object, str, object]]:
+    def _fetch(self, keys: List[bytes]) -> List[Tuple[Any, str, Any]]:
         """(buffer, tier, handle) of the stored chain's records, up to the first
         miss; the handle is the pinned RAM record (unpin it) or the file's inode.
         A disk record is a buffer, or an _OnDisk when loads stream (close its fd)."""
-        L, out = self.layout, []
+        L = self.layout
+        out: List[Tuple[Any, str, Any]] = []
         for key in keys:
             with self._lock:
                 held = self._ram.get(key)
@@ -345,7 +346,7 @@ class PrefixStore:
                                        L.total if buf.fd >= 0 else 0)
             else:
                 why = rec.check_header(buf, L, keys[i], keys[i - 1] if i else self.root, tokens)
-            if why is None and L.mac and not rec.check_mac(buf, L, self._secret):
+            if why is None and self._secret is not None and not rec.check_mac(buf, L, self._secret):
                 why = rec.BAD_MAC
             if why is not None:
                 self._refuse(keys[i], i, why, buf, tier, inode)
@@ -353,7 +354,8 @@ class PrefixStore:
         return len(found)
 
     def _refuse(self, key: bytes, block: int, why: str, buf, tier: str, handle) -> None:
-        where = (self.disk.file_of(key) if tier == "disk" else f"RAM record {key.hex()}")
+        disk = self.disk
+        where = disk.file_of(key) if disk is not None and tier == "disk" else f"RAM record {key.hex()}"
         with self._lock:
             self._counts["integrity_failures"] += 1
             self._counts["integrity_failures_" + tier] += 1
@@ -367,8 +369,8 @@ class PrefixStore:
             return
         log.error("kvcache prefix store: %s (block %d) fails its %s check: a miss, removed",
                   where, block, why)
-        if tier == "disk":
-            self.disk.remove(key, handle)
+        if disk is not None and tier == "disk":
+            disk.remove(key, handle)
 
     def load(self, cache, tokens) -> int:
         """Copy the longest stored prefix of ``tokens`` into the empty ``cache``.
@@ -413,7 +415,7 @@ class PrefixStore:
                 bufs = [f[0] for f in found[:blocks]]
                 expect = None if self.layout.mac else [
                     b.crc if isinstance(b, _OnDisk) else rec.stored_crc(b, self.layout) for b in bufs]
-                records = [(b.head, b.fd) if isinstance(b, _OnDisk) else b for b in bufs]
+                records: List[Any] = [(b.head, b.fd) if isinstance(b, _OnDisk) else b for b in bufs]
                 scratch = self._take_scratch() if any(isinstance(b, _OnDisk) for b in bufs) else None
                 try:
                     copied = append_rows(kv, records, self.layout.header_bytes, B,
@@ -448,7 +450,7 @@ class PrefixStore:
         returns the ids of the buffers now held in RAM."""
         promoted, protect = set(), frozenset(keys)
         for key, (buf, tier, _) in zip(keys, found):
-            if tier != "disk":
+            if tier != "disk" or self.disk is None:
                 continue
             self.disk.touch(key)
             if isinstance(buf, _OnDisk):
