@@ -99,6 +99,7 @@ class DiskTier:
                                       f"{len(names)} foreign entries (e.g. {sorted(names)[0]!r})", p)
             if not os.access(p, os.W_OK | os.X_OK):
                 raise PermissionError(errno.EACCES, "PrefixStore.disk_dir: cannot write", p)
+            os.chmod(p, 0o700)  # taking over an empty directory, as a cache's cold_dir
             fd = os.open(marker + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.write(fd, MARKER_TEXT)
@@ -164,10 +165,11 @@ class DiskTier:
     def holds(self, key: bytes) -> bool:
         return os.path.isfile(self.file_of(key))
 
-    def read(self, key: bytes, expected: int):
+    def read(self, key: bytes, expected):
         """The bytes of ``key``'s file as an aligned buffer and the file's inode,
-        or (None, None) if there is none; a file of another size comes back as
-        it is (the caller's size check refuses it)."""
+        or (None, None) if there is none.  ``expected``: the size, or a tuple of
+        the sizes, worth reading; a file of another size comes back as ``b""``
+        (the caller's size check refuses it)."""
         try:
             fd = os.open(self.file_of(key), os.O_RDONLY | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError):
@@ -179,7 +181,8 @@ class DiskTier:
         try:
             st = os.fstat(fd)
             size = st.st_size
-            if not stat.S_ISREG(st.st_mode) or size != expected:
+            sizes = expected if isinstance(expected, tuple) else (expected,)
+            if not stat.S_ISREG(st.st_mode) or size not in sizes:
                 return b"", st.st_ino
             buf = new_buffer(size)
             view, got = memoryview(buf), 0
@@ -215,14 +218,15 @@ class DiskTier:
         return True
 
     def write(self, key: bytes, buf) -> bool:
-        """Store a record under ``key`` (no-op if one is there); False if it
-        cannot fit the budget at all.  Raises OSError when the disk refuses."""
+        """Store a record under ``key``: True if this call added the file, False
+        if one was there already or it cannot fit the budget at all.  Raises
+        OSError when the disk refuses."""
         size = len(buf)
         if self.budget is not None and size > self.budget:
             return False
         final = self.file_of(key)
         if os.path.exists(final):
-            return True
+            return False
         tmp = os.path.join(self.path, f"{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-"
                                       f"{next(_counter)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -237,7 +241,7 @@ class DiskTier:
                 os.close(fd)
             with self._exclusive():
                 if os.path.exists(final):
-                    return True
+                    return False
                 files = self._scan()
                 total = sum(f[1] for f in files)
                 evicted = 0

@@ -252,7 +252,9 @@ class PrefixStore:
                 self._check_open()
                 fresh = self._ram_insert(keys[i], buf)
             wrote = self.disk.write(keys[i], buf) if self.disk is not None else False
-            if fresh or wrote:
+            # The RAM insert claims the block (a racing save of it finds it there);
+            # the disk write counts only for a record RAM cannot hold.
+            if fresh if len(buf) <= self.ram_bytes else wrote:
                 added += 1
         with self._lock:
             self._counts["blocks_saved"] += added
@@ -294,7 +296,9 @@ class PrefixStore:
                 continue
             if self.disk is None:
                 break
-            buf, inode = self.disk.read(key, self.layout.total)
+            # A record sealed the other way is read too: its check counts a MAC
+            # failure and keeps it (another worker's secret setting), not damage.
+            buf, inode = self.disk.read(key, (self.layout.total, rec.other_seal(self.layout).total))
             if buf is None:
                 break
             out.append((buf, "disk", inode))
@@ -338,8 +342,8 @@ class PrefixStore:
             elif tier == "ram":
                 self._ram_drop(key, buf)
         if why == rec.BAD_MAC:
-            log.error("kvcache prefix store: %s (block %d) fails its HMAC: a miss, kept (written "
-                      "with another secret, or forged)", where, block)
+            log.error("kvcache prefix store: %s (block %d) fails its HMAC: a miss, kept (sealed "
+                      "under another secret or none, or forged)", where, block)
             return
         log.error("kvcache prefix store: %s (block %d) fails its %s check: a miss, removed",
                   where, block, why)
