@@ -6,6 +6,7 @@ store loads is compared byte for byte with what the source cache's own ``get``
 returns; counters are derived from the workload.
 """
 
+import hashlib
 import logging
 import os
 import re
@@ -133,6 +134,10 @@ def doc_key_vectors():
 
 def test_doc_key_vectors():
     model, shape, tokens, vectors = doc_key_vectors()
+    for salt, head, tail in re.findall(r'`SHA-256\(b"(\w*)"\)` is\s+`(\w+)\.\.\.(\w+)`',
+                                       doc_section("### 7.1 Prefix keys")):
+        digest = hashlib.sha256(salt.encode()).hexdigest()
+        assert digest.startswith(head) and digest.endswith(tail)
     assert len(vectors) == 2 and all(len(keys) == len(tokens) // shape["block_tokens"] for _, _, keys in vectors)
     for salt, root, keys in vectors:
         assert pr.root(model, **shape, salt=salt) == root
@@ -192,7 +197,7 @@ def test_token_input_forms_agree():
     want = pr.keys(ids, "m", 1, 1, 2, 4, "float32")
     forms = [ids, tuple(ids), [np.int64(t) for t in ids], np.array(ids, np.int64),
              np.array(ids, np.uint32), np.array(ids, np.uint64), np.array([ids], np.int64),
-             np.array(ids, np.int64)[::-1][::-1], np.array(ids, ">i8"), np.array(ids * 2, np.int64)[::2]]
+             np.array(ids, np.int64)[::-1][::-1], np.array(ids, ">i8"), np.repeat(np.array(ids, np.int64), 2)[::2]]
     small = [t % 30000 for t in ids]
     small_forms = [np.array(small, np.int32), np.array(small, np.int16), np.array(small, np.uint16)]
     if torch is not None:
@@ -511,6 +516,8 @@ def test_disk_tier_survives_the_store(tmp_path):
     assert (d / "KVCACHE-PREFIX").read_bytes() == b"kvcache prefix store, records v1\n"
     assert files(d) == {name(k) for k in ref_keys(tokens, src)}
     assert all(stat.S_IMODE(os.stat(d / f).st_mode) == 0o600 and os.path.getsize(d / f) == size for f in files(d))
+    assert {f: stat.S_IMODE(os.stat(d / f).st_mode) for f in os.listdir(d) if f not in files(d)} == \
+        {"KVCACHE-PREFIX": 0o600, ".lock": 0o600}  # nothing else, nothing readable by others
     with kvcache.PrefixStore.for_cache(src, MODEL, disk_dir=d) as s:
         st = s.stats()
         assert (st["records_disk"], st["bytes_disk"], st["records_ram"]) == (6, 6 * size, 0)
