@@ -99,6 +99,7 @@ class DiskTier:
                                       f"{len(names)} foreign entries (e.g. {sorted(names)[0]!r})", p)
             if not os.access(p, os.W_OK | os.X_OK):
                 raise PermissionError(errno.EACCES, "PrefixStore.disk_dir: cannot write", p)
+            os.chmod(p, 0o700)  # taking over an empty directory, as a cache's cold_dir
             fd = os.open(marker + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.write(fd, MARKER_TEXT)
@@ -164,10 +165,11 @@ class DiskTier:
     def holds(self, key: bytes) -> bool:
         return os.path.isfile(self.file_of(key))
 
-    def read(self, key: bytes, expected: int, allocate=new_buffer):
-        """The bytes of ``key``'s file in a buffer from ``allocate(size)``, and the file's inode,
-        or (None, None) if there is none; a file of another size comes back as
-        it is (the caller's size check refuses it)."""
+    def read(self, key: bytes, expected, allocate=new_buffer):
+        """The bytes of ``key``'s file in a buffer from ``allocate(size)``, and the
+        file's inode, or (None, None) if there is none.  ``expected``: the size,
+        or a tuple of the sizes, worth reading; a file of another size comes
+        back as ``b""`` (the caller's size check refuses it)."""
         try:
             fd = os.open(self.file_of(key), os.O_RDONLY | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError):
@@ -179,7 +181,8 @@ class DiskTier:
         try:
             st = os.fstat(fd)
             size = st.st_size
-            if not stat.S_ISREG(st.st_mode) or size != expected:
+            sizes = expected if isinstance(expected, tuple) else (expected,)
+            if not stat.S_ISREG(st.st_mode) or size not in sizes:
                 return b"", st.st_ino
             buf = allocate(size)
             view, got = memoryview(buf), 0
@@ -192,28 +195,32 @@ class DiskTier:
         finally:
             os.close(fd)
 
-    def open_record(self, key: bytes, expected: int, head: int, tail: int):
+    def open_record(self, key: bytes, expected, head: int, tail: int):
         """``key``'s file opened for a load that reads its rows itself:
-        (fd, inode, its first ``head`` bytes, its last ``tail`` bytes), or None
-        if there is none; a file that is not a regular file of ``expected``
-        bytes gives (-1, inode, b"", b"") (the caller's size check refuses it).
-        The caller closes the fd."""
+        (fd, inode, size, its first ``head`` bytes, its last ``tail`` bytes), or
+        None if there is none.  ``expected``: the size, or a tuple of sizes,
+        worth reading; the fd is -1 (nothing to close) unless the file is a
+        regular file of the first, and the bytes are empty unless it is one of
+        them.  The caller closes the fd."""
+        sizes = expected if isinstance(expected, tuple) else (expected,)
         try:
             fd = os.open(self.file_of(key), os.O_RDONLY | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                return -1, None, b"", b""
+                return -1, None, 0, b"", b""
             raise
         try:
             st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and st.st_size == expected:
-                first, last = os.pread(fd, head, 0), os.pread(fd, tail, expected - tail)
-                if len(first) == head and len(last) == tail:
-                    fd, kept = -1, fd
-                    return kept, st.st_ino, first, last
-            return -1, st.st_ino, b"", b""
+            if not stat.S_ISREG(st.st_mode) or st.st_size not in sizes:
+                return -1, st.st_ino, st.st_size, b"", b""
+            first = os.pread(fd, head, 0)
+            last = os.pread(fd, tail, st.st_size - tail)
+            if st.st_size != sizes[0] or len(first) != head or len(last) != tail:
+                return -1, st.st_ino, st.st_size, first, b""
+            fd, kept = -1, fd
+            return kept, st.st_ino, st.st_size, first, last
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -241,14 +248,15 @@ class DiskTier:
         return True
 
     def write(self, key: bytes, buf) -> bool:
-        """Store a record under ``key`` (no-op if one is there); False if it
-        cannot fit the budget at all.  Raises OSError when the disk refuses."""
+        """Store a record under ``key``: True if this call added the file, False
+        if one was there already or it cannot fit the budget at all.  Raises
+        OSError when the disk refuses."""
         size = len(buf)
         if self.budget is not None and size > self.budget:
             return False
         final = self.file_of(key)
         if os.path.exists(final):
-            return True
+            return False
         path = os.path.join(self.path, f"{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-"
                                        f"{next(_counter)}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -264,7 +272,7 @@ class DiskTier:
                 os.close(fd)
             with self._exclusive():
                 if os.path.exists(final):
-                    return True
+                    return False
                 files = self._scan()
                 total = sum(f[1] for f in files)
                 evicted = 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -123,14 +123,34 @@ def parse_header(buf) -> dict:
                 total=total, key=key, parent=parent)
 
 
+def other_seal(layout: Layout) -> Layout:
+    """The layout of the same record sealed the other way (HMAC <-> CRC32C)."""
+    return replace(layout, mac=not layout.mac)
+
+
+def _sealed_otherwise(buf, layout: Layout, size: int) -> bool:
+    """A record of ``size`` bytes starting with ``buf`` looks like one sealed the
+    other way: written by a store with another secret setting (a secret where
+    this one has none, or the reverse)."""
+    other = other_seal(layout)
+    if size != other.total or len(buf) < FIXED:
+        return False
+    h = parse_header(buf)
+    return (h["magic"] == MAGIC and h["version"] == VERSION
+            and h["flags"] == (FLAG_HMAC if other.mac else 0) and h["total"] == other.total)
+
+
 def check_header(buf, layout: Layout, key: bytes, parent: bytes, tokens: Optional[np.ndarray],
                  size: Optional[int] = None) -> Optional[str]:
     """The first cheap check a record fails (BAD_*), or None: size, header fields,
     key, parent and token ids (``tokens`` None: checked against the key only).
     ``buf`` is the whole record, or with ``size`` (the record's length) its
-    first ``layout.header_bytes`` bytes."""
-    if (len(buf) if size is None else size) != layout.total or len(buf) < layout.header_bytes:
-        return BAD_SIZE
+    first ``layout.header_bytes`` bytes.  A record sealed the other way (HMAC
+    vs CRC32C) fails as BAD_MAC: like one under another secret, it is a miss
+    that is kept, not damage."""
+    size = len(buf) if size is None else size
+    if size != layout.total or len(buf) < layout.header_bytes:
+        return BAD_MAC if _sealed_otherwise(buf, layout, size) else BAD_SIZE
     h = parse_header(buf)
     if (h["magic"] != MAGIC or h["version"] != VERSION or h["flags"] != (FLAG_HMAC if layout.mac else 0)
             or h["header_bytes"] != layout.header_bytes or h["n_layers"] != layout.n_layers

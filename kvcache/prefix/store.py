@@ -48,13 +48,10 @@ class _OnDisk:
     """A disk record a load streams from its file (its rows never sit in a
     buffer of their own): the header bytes, the open fd, the stored CRC32C."""
 
-    __slots__ = ("head", "fd", "crc")
+    __slots__ = ("head", "fd", "size", "crc")
 
-    def __init__(self, head, fd: int, crc: int):
-        self.head, self.fd, self.crc = head, fd, crc
-
-    def __len__(self) -> int:  # refused as BAD_SIZE when the file was not a full record
-        return len(self.head)
+    def __init__(self, head, fd: int, size: int, crc: int):
+        self.head, self.fd, self.size, self.crc = head, fd, size, crc
 
 
 def _int_option(name: str, value, low: int, allow_none: bool = False):
@@ -187,11 +184,13 @@ class PrefixStore:
         return kv
 
     # -- tiers ------------------------------------------------------------------------
-    def _holds(self, key: bytes) -> Optional[str]:
-        """The tier holding ``key``'s record (a RAM one becomes the most recent)."""
+    def _holds(self, key: bytes, touch: bool = False) -> Optional[str]:
+        """The tier holding ``key``'s record (with ``touch``, a RAM one becomes
+        the most recent: save keeps the chain it extends)."""
         with self._lock:
             if key in self._ram:
-                self._ram.records.move_to_end(key)
+                if touch:
+                    self._ram.records.move_to_end(key)
                 return "ram"
         if self.disk is not None and self.disk.holds(key):
             return "disk"
@@ -233,7 +232,7 @@ class PrefixStore:
         B = L.block_tokens
         n = min(len(ids), kv.seq_len) // B
         keys = chain(self.root, ids, B, n)
-        missing = [i for i, key in enumerate(keys) if self._holds(key) is None]
+        missing = [i for i, key in enumerate(keys) if self._holds(key, touch=True) is None]
         if not missing:
             return 0
         chain_keys = frozenset(keys)
@@ -256,7 +255,9 @@ class PrefixStore:
                         self._ram.unpin(held)
                     else:
                         self._ram.give_back(buf)
-            if held is not None or wrote:
+            # The RAM insert claims the block (a racing save of it finds it there);
+            # the disk write counts only for a record RAM cannot hold.
+            if (held is not None) if len(buf) <= self.ram_bytes else wrote:
                 added += 1
         with self._lock:
             self._counts["blocks_saved"] += added
@@ -291,6 +292,7 @@ class PrefixStore:
         A disk record is a buffer, or an _OnDisk when loads stream (close its fd)."""
         L = self.layout
         out: List[Tuple[Any, str, Any]] = []
+        chain_keys = frozenset(keys)  # a disk read may recycle a RAM record's buffer, not the chain's
         for key in keys:
             with self._lock:
                 held = self._ram.get(key)
@@ -299,15 +301,18 @@ class PrefixStore:
                 continue
             if self.disk is None:
                 break
+            # A record sealed the other way is read too: its check counts a MAC
+            # failure and keeps it (another worker's secret setting), not damage.
+            sizes = (L.total, rec.other_seal(L).total)
             if self._streams():
-                got = self.disk.open_record(key, L.total, L.header_bytes, rec.CRC_BYTES)
+                got = self.disk.open_record(key, sizes, L.header_bytes, rec.CRC_BYTES)
                 if got is None:
                     break
-                fd, inode, head, tail = got
-                out.append((_OnDisk(np.frombuffer(head, np.uint8), fd,
-                                    struct.unpack("<I", tail)[0] if tail else 0), "disk", inode))
+                fd, inode, size, head, tail = got
+                out.append((_OnDisk(np.frombuffer(head, np.uint8), fd, size,
+                                    struct.unpack("<I", tail)[0] if len(tail) == 4 else 0), "disk", inode))
                 continue
-            buf, inode = self.disk.read(key, L.total, lambda n: take_buffer(self._ram, self._lock, n))
+            buf, inode = self.disk.read(key, sizes, lambda n: take_buffer(self._ram, self._lock, n, chain_keys))
             if buf is None:
                 break
             out.append((buf, "disk", inode))
@@ -343,7 +348,7 @@ class PrefixStore:
             tokens = ids[i * B:(i + 1) * B]
             if isinstance(buf, _OnDisk):
                 why = rec.check_header(buf.head, L, keys[i], keys[i - 1] if i else self.root, tokens,
-                                       L.total if buf.fd >= 0 else 0)
+                                       buf.size)
             else:
                 why = rec.check_header(buf, L, keys[i], keys[i - 1] if i else self.root, tokens)
             if why is None and self._secret is not None and not rec.check_mac(buf, L, self._secret):
@@ -364,8 +369,8 @@ class PrefixStore:
             elif tier == "ram":
                 self._ram.drop(key, buf)
         if why == rec.BAD_MAC:
-            log.error("kvcache prefix store: %s (block %d) fails its HMAC: a miss, kept (written "
-                      "with another secret, or forged)", where, block)
+            log.error("kvcache prefix store: %s (block %d) fails its HMAC: a miss, kept (sealed "
+                      "under another secret or none, or forged)", where, block)
             return
         log.error("kvcache prefix store: %s (block %d) fails its %s check: a miss, removed",
                   where, block, why)
