@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Dict, List, Optional, Tuple
 
 from kvcache._blocks import append_rows, read_rows
@@ -225,7 +226,10 @@ class PrefixStore:
             crcs.append(read_rows(kv, i * B, (i + 1) * B, buf, L.header_bytes))  # CRC of the body
             bufs.append(buf)
         added = 0
-        for i, buf, crc in zip(missing, bufs, crcs):
+        # Written in chain order (a crash leaves a prefix of it), stamped in reverse
+        # (the disk tier evicts a chain's tail before its head).
+        stamp = time.time_ns() + len(missing)
+        for j, (i, buf, crc) in enumerate(zip(missing, bufs, crcs)):
             rec.seal(buf, L, self._secret, None if L.mac else crc)
             with self._lock:
                 self._check_open()
@@ -233,7 +237,8 @@ class PrefixStore:
                 if held is not None:
                     held.pins += 1  # not recycled by another save while it is written out
             try:
-                wrote = self.disk.write(keys[i], buf) if self.disk is not None else False
+                wrote = (self.disk.write(keys[i], buf, stamp - j) if self.disk is not None
+                         else False)
             finally:
                 with self._lock:
                     if held is not None:
@@ -392,13 +397,15 @@ class PrefixStore:
         return positions
 
     def _promote(self, keys, found) -> set:
-        """Disk hits come back to RAM and become the disk tier's most recent;
-        returns the ids of the buffers now held in RAM."""
+        """Disk hits come back to RAM and become the disk tier's most recent (a
+        block more recent than the blocks after it); returns the ids of the
+        buffers now held in RAM."""
         promoted, protect = set(), frozenset(keys)
-        for key, (buf, tier, _) in zip(keys, found):
+        stamp = time.time_ns() + len(keys)
+        for j, (key, (buf, tier, _)) in enumerate(zip(keys, found)):
             if tier != "disk":
                 continue
-            self.disk.touch(key)
+            self.disk.touch(key, stamp - j)
             with self._lock:
                 if not self._closed and self._ram.insert(key, buf, protect) is not None:
                     self._counts["promotions"] += 1
