@@ -20,6 +20,7 @@ import pytest
 
 import kvcache
 import prefix_disk_worker as w
+from helpers import run_threads
 from kvcache.prefix import disk as disk_mod
 from kvcache.prefix.disk import DiskTier
 
@@ -231,6 +232,7 @@ def test_shared_disk_dir(tmp_path):
     assert not errors, "\n".join(errors)
 
     # The budget, at every moment the parent looked (and it was reached).
+    seen[1] = max(seen[1], sum(records(small).values()))
     assert seen[0] > 50
     assert seen[1] <= small_budget
     assert seen[1] == SMALL_RECORDS * R
@@ -291,6 +293,25 @@ def test_ram_tier_off(tmp_path):
     assert st.match(tokens) == len(tokens)
 
 
+def test_threads_saving_the_same_blocks_count_each_once(tmp_path):
+    """Threads of one store (RAM and disk) save the same chains at once: one of
+    them puts a block in RAM, maybe another renames its file; it is added once."""
+    st = w.store(tmp_path / "d", ram_bytes=1 << 20)
+    prompts = [w.chain([9, j], 3) for j in range(8)]
+    barrier = threading.Barrier(4)
+
+    def worker(k):
+        def run():
+            barrier.wait()
+            return sum(w.save(st, prompts[j]) for j in np.random.default_rng(k).permutation(8))
+        return run
+
+    added = run_threads([worker(k) for k in range(4)], barrier=barrier)
+    distinct = 8 * 3
+    assert sum(added) == st.stats()["blocks_saved"] == distinct
+    assert len(records(tmp_path / "d")) == st.stats()["records_ram"] == distinct
+
+
 def test_write_never_replaces_and_remove_spares_a_newer_file(tmp_path):
     """What a second process may do between a reader's read and its removal."""
     d = str(tmp_path / "d")
@@ -334,8 +355,10 @@ def test_a_directory_being_made_a_store_is_not_foreign(tmp_path, leftover):
     doing so) leaves before the marker is there."""
     d = tmp_path / "d"
     d.mkdir()
+    os.chmod(d, 0o755)
     (d / leftover).write_bytes(b"")
     st = w.store(d)
     assert w.save(st, w.chain(8, 1)) == 1
     assert kvcache.prefix.disk.is_store_dir(d)
+    assert mode(d) == 0o700  # taken over: the store's
     assert not (d / disk_mod.MARKER_TEMP).exists()

@@ -1,11 +1,11 @@
 """The prefix store's disk tier: one file per record under a directory that
 several processes may share.
 
-Owns: the directory (created 0700, marked by a ``KVCACHE-PREFIX`` file, a
-foreign non-empty directory refused), record files (``<hex key>.kvp``, 0600:
-written to a temporary name, fsync'd, renamed, the directory fsync'd, so a
-file cut short by a crash is never under a record's name), their LRU order
-and the ``disk_bytes`` budget.
+Owns: the directory (created, or an empty one taken over, 0700, marked by a
+``KVCACHE-PREFIX`` file, a foreign non-empty directory refused), record
+files (``<hex key>.kvp``, 0600: written to a temporary name, fsync'd,
+renamed, the directory fsync'd, so a file cut short by a crash is never
+under a record's name), their LRU order and the ``disk_bytes`` budget.
 Must not touch: record contents (kvcache.prefix.record checks them; this
 module only moves bytes) or the RAM tier.
 
@@ -129,6 +129,7 @@ class DiskTier:
             with self._exclusive():
                 if not os.path.isfile(marker):
                     self._refuse_foreign()
+                    os.chmod(p, 0o700)  # an empty directory taken over becomes the store's
                     tmp = os.path.join(p, MARKER_TEMP)
                     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
                     try:
@@ -212,13 +213,18 @@ class DiskTier:
         file's identity (for :meth:`remove`), or (None, None) if there is none;
         a file of another size comes back empty (the caller's size check
         refuses it)."""
+        path = self.file_of(key)
         try:
-            fd = os.open(self.file_of(key), os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError):
             return None, None
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # a symlink under a record's name: not ours
-                return b"", None
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    return None, None
+                return b"", (st.st_ino, st.st_mtime_ns)
             raise
         try:
             st = os.fstat(fd)
@@ -355,7 +361,11 @@ class _FileLock:
 
     def __enter__(self):
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(self.fd)
+            raise
         return self
 
     def __exit__(self, *exc):

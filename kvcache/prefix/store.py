@@ -82,7 +82,9 @@ class PrefixStore:
         several processes).  RAM writes through to it.
     disk_bytes : int, optional
         Bound on the record files under ``disk_dir`` (LRU across every
-        process sharing it); None: unbounded.
+        process sharing it, when they all use the same bound; the temporary
+        file of a write in progress is outside it: kvcache.prefix.disk says
+        exactly how it is kept); None: unbounded.
     salt : bytes
         Part of every key: stores with different salts never share records.
     secret : bytes, optional
@@ -233,6 +235,9 @@ class PrefixStore:
             rec.seal(buf, L, self._secret, None if L.mac else crc)
             with self._lock:
                 self._check_open()
+                # Another thread's save holds it in RAM already: its block, whoever
+                # renames the file (else both would count it).
+                theirs = keys[i] in self._ram.records
                 held = self._ram.insert(keys[i], buf, chain_keys)
                 if held is not None:
                     held.pins += 1  # not recycled by another save while it is written out
@@ -245,7 +250,7 @@ class PrefixStore:
                         self._ram.unpin(held)
                     else:
                         self._ram.give_back(buf)
-            if held is not None or wrote:
+            if held is not None or (wrote and not theirs):
                 added += 1
         with self._lock:
             self._counts["blocks_saved"] += added
