@@ -8,6 +8,7 @@ function of its prompt there, so the parent checks every byte it loads.
 import json
 import multiprocessing
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -97,6 +98,7 @@ def test_killed_writer_leaves_only_complete_records(tmp_path):
             p = subprocess.Popen([sys.executable, WORKER, "kill-writer", d, str(seed)],
                                  stdout=subprocess.PIPE, text=True, env=child_env())
             try:
+                assert select.select([p.stdout], [], [], 60)[0], "the writer never started"
                 assert p.stdout.readline().strip() == "ready"
                 if round_ == 0:
                     for name in live:
