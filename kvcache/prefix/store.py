@@ -21,6 +21,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -95,7 +96,9 @@ class PrefixStore:
         several processes).  RAM writes through to it.
     disk_bytes : int, optional
         Bound on the record files under ``disk_dir`` (LRU across every
-        process sharing it); None: unbounded.
+        process sharing it, when they all use the same bound; the temporary
+        file of a write in progress is outside it: kvcache.prefix.disk says
+        exactly how it is kept); None: unbounded.
     salt : bytes
         Part of every key: stores with different salts never share records.
     secret : bytes, optional
@@ -237,27 +240,32 @@ class PrefixStore:
             return 0
         chain_keys = frozenset(keys)
         added = 0
-        for i in missing:  # one block at a time: at the budget, each reuses an evicted buffer
+        # Written in chain order (a crash leaves a prefix of it), stamped in reverse
+        # (the disk tier evicts a chain's tail before its head).
+        stamp = time.time_ns() + len(missing)
+        for j, i in enumerate(missing):  # one block at a time: at the budget, each reuses an evicted buffer
             buf = take_buffer(self._ram, self._lock, L.total, chain_keys)
             rec.write_header(buf, L, keys[i], keys[i - 1] if i else self.root, ids[i * B:(i + 1) * B])
             crc = read_rows(kv, i * B, (i + 1) * B, buf, L.header_bytes)  # summed as it copies
             rec.seal(buf, L, self._secret, None if L.mac else crc)
             with self._lock:
                 self._check_open()
+                # Another thread's save holds it in RAM already: its block, whoever
+                # renames the file (else both would count it).
+                theirs = keys[i] in self._ram.records
                 held = self._ram.insert(keys[i], buf, chain_keys)
                 if held is not None:
                     held.pins += 1  # not recycled by another save while it is written out
             try:
-                wrote = self.disk.write(keys[i], buf) if self.disk is not None else False
+                wrote = (self.disk.write(keys[i], buf, stamp - j) if self.disk is not None
+                         else False)
             finally:
                 with self._lock:
                     if held is not None:
                         self._ram.unpin(held)
                     else:
                         self._ram.give_back(buf)
-            # The RAM insert claims the block (a racing save of it finds it there);
-            # the disk write counts only for a record RAM cannot hold.
-            if (held is not None) if len(buf) <= self.ram_bytes else wrote:
+            if held is not None or (wrote and not theirs):
                 added += 1
         with self._lock:
             self._counts["blocks_saved"] += added
@@ -451,13 +459,15 @@ class PrefixStore:
         return rec.new_buffer(self.layout.rows_bytes)
 
     def _promote(self, keys, found) -> set:
-        """Disk hits come back to RAM and become the disk tier's most recent;
-        returns the ids of the buffers now held in RAM."""
+        """Disk hits come back to RAM and become the disk tier's most recent (a
+        block more recent than the blocks after it); returns the ids of the
+        buffers now held in RAM."""
         promoted, protect = set(), frozenset(keys)
-        for key, (buf, tier, _) in zip(keys, found):
+        stamp = time.time_ns() + len(keys)
+        for j, (key, (buf, tier, _)) in enumerate(zip(keys, found)):
             if tier != "disk" or self.disk is None:
                 continue
-            self.disk.touch(key)
+            self.disk.touch(key, stamp - j)
             if isinstance(buf, _OnDisk):
                 continue
             with self._lock:
