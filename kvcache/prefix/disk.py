@@ -178,9 +178,9 @@ class DiskTier:
         finally:
             os.close(fd)
 
-    def _scan(self) -> List[Tuple[float, int, str]]:
-        """(mtime, size, name) of every record file, oldest first."""
-        out = []
+    def _scan(self) -> List[Tuple[int, int, str]]:
+        """(mtime in ns, size, name) of every record file, oldest first."""
+        out: List[Tuple[int, int, str]] = []
         with os.scandir(self.path) as it:
             for entry in it:
                 if not is_record_name(entry.name):
@@ -338,7 +338,8 @@ class DiskTier:
         final = self.file_of(key)
         if os.path.exists(final):
             return False
-        tmp, fd = self._new_temp()
+        path, fd = self._new_temp()
+        tmp: Optional[str] = path  # None once renamed
         try:
             try:
                 os.fchmod(fd, 0o600)
@@ -365,8 +366,8 @@ class DiskTier:
                     total -= fsize
                     kept -= 1
                 t = time.time_ns() if mtime_ns is None else mtime_ns
-                os.utime(tmp, ns=(t, t))
-                os.rename(tmp, final)
+                os.utime(path, ns=(t, t))
+                os.rename(path, final)
                 tmp = None
                 self._sync_dir()
                 with self._lock:
