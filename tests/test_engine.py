@@ -231,7 +231,8 @@ def test_the_index_checksum_line_is_exactly_eight_lowercase_hex_digits(persisted
 
 
 # -- one concept per module ----------------------------------------------------------
-ENGINE = ["_arena", "_hot", "_copy", "_moves", "_cold", "_format", "_policy", "_codec", "_status", "_persist", "_cache"]
+ENGINE = ["_arena", "_hot", "_copy", "_moves", "_cold", "_format", "_policy", "_codec", "_status", "_persist", "_cache",
+          "_blocks", "prefix.keys", "prefix.record", "prefix.ram", "prefix.disk", "prefix.store"]
 
 
 @pytest.mark.parametrize("name", ENGINE)

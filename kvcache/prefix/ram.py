@@ -8,7 +8,9 @@ the next save or disk read takes one (so a store at its budget writes its
 new records into memory already faulted in, not into fresh pages).  A load
 pins the records it copies (:meth:`RamTier.get`) and unpins them after; a
 pinned record that leaves the tier keeps its buffer until the last unpin.
-Buffers in use plus those on the free list never exceed the budget.
+The records held plus the spare buffers on the free list never exceed the
+budget (buffers being filled by a save, or pinned by a load after their
+record left, are outside it until they are inserted or let go).
 Must not touch: record contents (kvcache.prefix.record), the disk tier.
 The caller (kvcache.prefix.store) holds its lock around every method.
 """
@@ -75,6 +77,8 @@ class RamTier:
             return None
         h = self.records[key] = Held(buf)
         self.used += size
+        while self.free and self.used + len(self.free) * self.record_bytes > self.budget:
+            self.free.pop()  # the tier's records and spare buffers stay within the budget
         return h
 
     def _room(self, size: int, protect) -> bool:
