@@ -8,7 +8,7 @@ ctypedef bint (*append_verify_fn)(void *ctx, const uint32_t *crcs) noexcept nogi
 cdef struct AppendCheck:
     # Optional checksums of an append_all (a prefix load): each layer's task takes
     # the CRC32C of its source keys and values (``rows`` dense rows each, at least
-    # the rows stored) just before copying them, into crcs[2l] and crcs[2l + 1];
+    # the rows stored), each chunk just before copying it, into crcs[2l] and crcs[2l + 1];
     # then, with every lock still held, ``verify`` accepts them, or the whole
     # append is undone and fails with KVC_E_CORRUPT (nothing was ever visible).
     # With ``fd >= 0`` the source rows are first read from that file (a disk

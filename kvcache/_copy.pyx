@@ -168,18 +168,61 @@ cdef void append_task(void *ctx, size_t l) noexcept nogil:
     cdef Rows src = j.src
     src.k += <Py_ssize_t>l * j.k_layer_step
     src.v += <Py_ssize_t>l * j.v_layer_step
-    cdef Py_ssize_t part
-    if j.check != NULL:  # read once here: the copy right after finds the rows in cache
-        part = j.check.rows * j.fmt.row_bytes
-        if j.check.fd >= 0:
-            src.k = j.check.scratch + <Py_ssize_t>l * 2 * part
-            src.v = src.k + part
-            if not read_fully(j.check.fd, src.k, 2 * part, j.check.file_offset + <Py_ssize_t>l * 2 * part):
-                j.status[l] = kvc_fail(&j.errors[l], KVC_E_CORRUPT, -1, -1)
-                return
-        j.check.crcs[2 * l] = simd_ops().crc32c(0, src.k, <size_t>part)
-        j.check.crcs[2 * l + 1] = simd_ops().crc32c(0, src.v, <size_t>part)
-    j.status[l] = append_locked(j.tier, &j.tier.layers[l], j.fmt, j.n, src, &j.errors[l])
+    if j.check == NULL:
+        j.status[l] = append_locked(j.tier, &j.tier.layers[l], j.fmt, j.n, src, &j.errors[l])
+    else:
+        j.status[l] = append_checked(j, l, src)
+
+
+cdef int append_checked(AppendJob *j, size_t l, Rows src) noexcept nogil:
+    """append_task with an AppendCheck: the layer's rows summed a chunk at a time
+    (about 32 KiB of keys and of values), each chunk appended right after it is
+    summed, while it is still in the core's cache: the source is read from memory
+    once.  From a file, rows are first read a window at a time (about 256 KiB of
+    keys and of values) into the layer's scratch, then summed and appended from
+    there.  Rows of the record past those stored are summed too."""
+    cdef AppendCheck *c = j.check
+    cdef Py_ssize_t rb = j.fmt.row_bytes, done = 0, step, at, win
+    cdef Py_ssize_t chunk = max(1, (32 << 10) // rb)
+    cdef Py_ssize_t window = c.rows if c.fd < 0 else max(chunk, (256 << 10) // rb)
+    cdef Py_ssize_t k_off = c.file_offset + <Py_ssize_t>l * 2 * c.rows * rb
+    cdef Py_ssize_t v_off = k_off + c.rows * rb
+    cdef uint32_t crc_k = 0, crc_v = 0
+    cdef int status = KVC_OK
+    cdef HotLayer *L = &j.tier.layers[l]
+    cdef uint64_t tick = L.tick
+    cdef Py_ssize_t b, first = L.length // j.tier.block_tokens
+    cdef Rows rows
+    while done < c.rows:
+        win = min(window, c.rows - done)  # rows [done, done + win) of the record
+        if c.fd >= 0:
+            rows.k = c.scratch + <Py_ssize_t>l * 2 * c.rows * rb
+            rows.v = rows.k + win * rb
+            rows.k_step = rows.v_step = rb
+            if not (read_fully(c.fd, rows.k, win * rb, k_off + done * rb)
+                    and read_fully(c.fd, rows.v, win * rb, v_off + done * rb)):
+                return kvc_fail(&j.errors[l], KVC_E_CORRUPT, -1, -1)
+        else:
+            rows = rows_at(src, done)
+        at = 0
+        while at < win:
+            step = min(chunk, win - at)
+            crc_k = simd_ops().crc32c(crc_k, rows.k + at * rb, <size_t>(step * rb))
+            crc_v = simd_ops().crc32c(crc_v, rows.v + at * rb, <size_t>(step * rb))
+            if status == KVC_OK and done + at < j.n:  # the record's rows past n are only summed
+                status = append_locked(j.tier, L, j.fmt, min(step, j.n - done - at), rows_at(rows, at),
+                                       &j.errors[l])
+            at += step
+        done += win
+        if status != KVC_OK:
+            break
+    c.crcs[2 * l], c.crcs[2 * l + 1] = crc_k, crc_v
+    if L.tick > tick + 1:  # one store, one tick (the adaptive policy's clock), however many chunks
+        for b in range(first, (L.length + j.tier.block_tokens - 1) // j.tier.block_tokens):
+            if L.blocks[b].last_use > tick:
+                L.blocks[b].last_use = tick + 1
+        L.tick = tick + 1
+    return status
 
 
 # -- reads -------------------------------------------------------------------------
