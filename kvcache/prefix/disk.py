@@ -88,8 +88,14 @@ class DiskTier:
             raise NotADirectoryError(errno.ENOTDIR, f"PrefixStore.disk_dir: expected a directory, "
                                      f"got a file", p)
         if not os.path.isdir(p):
-            os.makedirs(p, mode=0o700, exist_ok=True)
-            os.chmod(p, 0o700)
+            try:
+                os.makedirs(p, mode=0o700, exist_ok=True)
+                os.chmod(p, 0o700)
+            except OSError as exc:  # name the argument; a read-only file system is a permission too
+                cls = (PermissionError if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+                       else type(exc))
+                raise cls(exc.errno, f"PrefixStore.disk_dir: cannot create the directory "
+                          f"({exc.strerror})", p) from None
         marker = os.path.join(p, MARKER)
         if not os.path.isfile(marker):
             names = [n for n in os.listdir(p) if n != LOCK_NAME]
@@ -98,7 +104,8 @@ class DiskTier:
                                       f"directory or a prefix store's, got one holding "
                                       f"{len(names)} foreign entries (e.g. {sorted(names)[0]!r})", p)
             if not os.access(p, os.W_OK | os.X_OK):
-                raise PermissionError(errno.EACCES, "PrefixStore.disk_dir: cannot write", p)
+                raise PermissionError(errno.EACCES, "PrefixStore.disk_dir: expected a directory this "
+                                      "process can write, got one it cannot", p)
             fd = os.open(marker + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.write(fd, MARKER_TEXT)
@@ -109,7 +116,7 @@ class DiskTier:
             self._sync_dir()
         if not os.access(p, os.R_OK | os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "PrefixStore.disk_dir: expected a readable and "
-                                  "writable directory", p)
+                                  "writable directory, got one this process cannot read or write", p)
         self._remove_stale_temps()
 
     def _remove_stale_temps(self) -> None:
@@ -166,10 +173,11 @@ class DiskTier:
 
     def read(self, key: bytes, expected: int):
         """The bytes of ``key``'s file as an aligned buffer and the file's inode,
-        or (None, None) if there is none; a file of another size comes back as
-        it is (the caller's size check refuses it)."""
-        try:
-            fd = os.open(self.file_of(key), os.O_RDONLY | os.O_NOFOLLOW)
+        or (None, None) if there is none (nor a regular file: a directory or a
+        FIFO under a record's name is no record); a file of another size comes
+        back as it is (the caller's size check refuses it)."""
+        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+            fd = os.open(self.file_of(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
             return None, None
         except OSError as exc:
@@ -179,7 +187,9 @@ class DiskTier:
         try:
             st = os.fstat(fd)
             size = st.st_size
-            if not stat.S_ISREG(st.st_mode) or size != expected:
+            if not stat.S_ISREG(st.st_mode):
+                return None, None
+            if size != expected:
                 return b"", st.st_ino
             buf = new_buffer(size)
             view, got = memoryview(buf), 0
@@ -205,13 +215,12 @@ class DiskTier:
         try:
             if inode is not None and os.stat(path, follow_symlinks=False).st_ino != inode:
                 return False
-            size = os.stat(path, follow_symlinks=False).st_size
             os.unlink(path)
         except FileNotFoundError:
             return False
-        with self._lock:
-            self.records -= 1
-            self.bytes -= size
+        # Counted again, not decremented: a bad file (cut short, a symlink, written
+        # since the last scan) was never counted as it is now.
+        self.rescan()
         return True
 
     def write(self, key: bytes, buf) -> bool:
