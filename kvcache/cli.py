@@ -282,10 +282,122 @@ def info(a):
 
 
 # -- inspect ----------------------------------------------------------------------------
-def inspect(a):
-    from kvcache._format import index_config, read_index, verify_layer
+def _read_secret(path):
+    """The bytes of ``--secret-file``, exactly (no newline stripped: the store's ``secret=``)."""
+    with open(path, "rb") as f:
+        secret = f.read()
+    if not secret:
+        raise CLIError(f"--secret-file {path}: empty (a store's secret is non-empty bytes)")
+    return secret
+
+
+def _prefix_entries(path):
+    """(record files as (name, size), temporary files, other entries) of a store directory."""
+    from kvcache.prefix import disk
+
+    records, temps, others = [], 0, []
+    with os.scandir(path) as it:
+        for entry in it:
+            name = entry.name
+            if name in (disk.MARKER, disk.LOCK_NAME):
+                continue
+            if name.startswith(disk.TEMP_PREFIX):  # a write in progress (or a crash's leftover)
+                temps += 1
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # evicted by a process sharing the directory
+                continue
+            if disk.is_record_name(name) and entry.is_file(follow_symlinks=False):
+                records.append((name, st.st_size))
+            else:
+                others.append(name)
+    return sorted(records), temps, sorted(others)
+
+
+def _record_group(path):
+    """What a record's header says it holds: (shape, block_tokens, dtype, trailer), or None."""
+    from kvcache.prefix import record as rec
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(rec.FIXED)
+    except FileNotFoundError:
+        return None
+    if len(head) < rec.FIXED:
+        return None
+    h = rec.parse_header(head)
+    if h["magic"] != rec.MAGIC or h["version"] != rec.VERSION or not isinstance(h["dtype"], str):
+        return None
+    return (f"{h['n_layers']}x{h['n_kv_heads']}x{h['head_dim']}", h["block_tokens"], h["dtype"],
+            "HMAC" if h["flags"] & rec.FLAG_HMAC else "CRC32C")
+
+
+def inspect_prefix(a):
+    """``inspect`` of a prefix store's directory: its records by shape, then ``--verify``."""
+    from kvcache.prefix import disk
+    from kvcache.prefix import record as rec
 
     path = a.dir
+    secret = _read_secret(a.secret_file) if a.secret_file else None
+    records, temps, others = _prefix_entries(path)
+    groups = {}  # header's (shape, block_tokens, dtype, trailer), or None: [records, tokens, bytes]
+    for name, size in records:
+        g = _record_group(os.path.join(path, name))
+        row = groups.setdefault(g, [0, 0, 0])
+        row[0] += 1
+        row[1] += g[1] if g else 0
+        row[2] += size
+    print(f"kvcache prefix store in {path}")
+    print(f"records: {len(records)}, tokens: {sum(r[1] for r in groups.values())}, "
+          f"bytes: {sum(size for _, size in records):,}")
+    ignored = ([f"{temps} temporary file{'s' * (temps != 1)} (writes in progress)"] if temps else []) + \
+        ([f"{len(others)} foreign entr{'ies' if len(others) != 1 else 'y'} ({', '.join(others)})"]
+         if others else [])
+    if ignored:
+        print("ignored: " + "; ".join(ignored))
+    print(f"{'shape (LxHxD)':>15}{'block':>7}{'dtype':>10}{'trailer':>9}{'records':>9}{'tokens':>9}"
+          f"{'bytes':>14}")
+    for g in sorted(groups, key=lambda g: (g is None, g or ())):
+        n, tokens, size = groups[g]
+        shape, block, dtype, trailer = g if g else ("unreadable", "-", "-", "-")
+        print(f"{shape:>15}{block:>7}{dtype:>10}{trailer:>9}{n:>9}{tokens:>9}{size:>14,}")
+    if not a.verify:
+        return 0
+    bad, good, unchecked = [], 0, 0
+    for name, _ in records:
+        file = os.path.join(path, name)
+        try:
+            why = rec.verify_file(file, secret, key=bytes.fromhex(name[:-len(disk.SUFFIX)]))
+        except FileNotFoundError:  # evicted meanwhile by a process sharing the directory
+            continue
+        if why is None:
+            good += 1
+        elif why == rec.MAC_UNCHECKED:
+            unchecked += 1
+            print(f"verify: {file}: an HMAC record, its MAC not verified (no --secret-file)")
+        else:
+            bad.append(f"{file}: {why}")
+    for line in bad:
+        print(f"kvcache: corrupt: {line}", file=sys.stderr)
+    if bad:
+        return 1
+    print(f"verify: OK, {good} records pass every check"
+          + (f"; {unchecked} HMAC records pass all but the MAC check (no --secret-file)"
+             if unchecked else ""))
+    return 0
+
+
+def inspect(a):
+    from kvcache._format import index_config, read_index, verify_layer
+    from kvcache.prefix.disk import is_store_dir
+
+    path = a.dir
+    if os.path.isdir(path) and is_store_dir(path):
+        return inspect_prefix(a)
+    if a.secret_file:
+        raise CLIError(f"--secret-file: {path} is not a prefix store's directory (no "
+                       f"KVCACHE-PREFIX marker); a cache's files carry no MAC")
     index = read_index(path)  # FileNotFoundError / CorruptionError: one line, exit 1
     try:
         stored = index["config"]
@@ -330,7 +442,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser():
     p = _Parser(prog="kvcache", description="kvcache: a KV cache for LLM "
                                 "inference on CPUs. Benchmark it, describe the build, "
-                                "inspect a persisted cache.")
+                                "inspect a persisted cache or a prefix store.")
     p.add_argument("--version", action="version", version=f"kvcache {kvcache.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{bench,info,inspect}")
     b = sub.add_parser("bench", help="store/get throughput beside this machine's copy limit")
@@ -352,10 +464,15 @@ def _parser():
     b.set_defaults(func=bench)
     i = sub.add_parser("info", help="version, SIMD paths, threads, build flags")
     i.set_defaults(func=info)
-    n = sub.add_parser("inspect", help="describe a persisted cache directory (read-only)")
+    n = sub.add_parser("inspect", help="describe a persisted cache directory or a prefix "
+                                       "store's (read-only)")
     n.add_argument("dir")
     n.add_argument("--verify", action="store_true",
-                   help="recompute every block's CRC32C; exit 1 on a mismatch")
+                   help="recompute every block's CRC32C (a prefix store: check every record); "
+                        "exit 1 on a mismatch")
+    n.add_argument("--secret-file", metavar="PATH",
+                   help="a prefix store's secret (the file's bytes, exactly): --verify then "
+                        "checks the HMAC of HMAC records too")
     n.set_defaults(func=inspect)
     return p
 

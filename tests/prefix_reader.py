@@ -123,6 +123,8 @@ def parse_record(data, *, n_layers: int, n_kv_heads: int, head_dim: int, block_t
     for name, g, w in zip(names, got, want):                             # 2
         if g != w:
             raise RecordError("header", f"{name} {g!r}, expected {w!r}")
+    if data[37:40] != bytes(3) or data[112:128] != bytes(16):
+        raise RecordError("header", "nonzero padding or reserved bytes in the header")
     rec_key, rec_parent = data[48:80], data[80:112]
     if rec_key != key:                                                   # 3
         raise RecordError("key", f"{rec_key.hex()}, expected {key.hex()}")

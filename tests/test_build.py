@@ -50,3 +50,15 @@ def test_setup_cythonizes_with_those_directives():
                 and [getattr(t, "id", None) for t in node.targets] == [given.id]]
     assert [ast.dump(value) for value in assigned] == [
         ast.dump(ast.parse("cython_directives(DEBUG)", mode="eval").body)]
+
+
+def test_every_subpackage_is_packaged():
+    """A wheel carries exactly the packages pyproject lists: each directory of
+    kvcache/ holding an __init__.py must be one (a missing one imports in the
+    source tree and fails only once installed)."""
+    import pathlib
+    import tomllib
+    root = pathlib.Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "kvcache").rglob("__init__.py")}
+    assert found == listed

@@ -643,7 +643,7 @@ def corrupt(path, how, c, other_file=None):
     elif how == "foreign":
         data = bytearray(other_file.read_bytes())
     path.write_bytes(bytes(data))
-    return {"rows": "checksum", "last_row": "checksum", "trailer": "checksum", "reserved": "checksum",
+    return {"rows": "checksum", "last_row": "checksum", "trailer": "checksum", "reserved": "header",
             "tokens": "tokens", "key": "key", "parent": "parent", "header": "header", "padding": "header",
             "truncated": "size", "extended": "size", "foreign": "key"}[how]
 

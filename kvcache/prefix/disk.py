@@ -117,13 +117,20 @@ class DiskTier:
             raise NotADirectoryError(errno.ENOTDIR, f"PrefixStore.disk_dir: expected a directory, "
                                      f"got a file", p)
         if not os.path.isdir(p):
-            os.makedirs(p, mode=0o700, exist_ok=True)
-            os.chmod(p, 0o700)
+            try:
+                os.makedirs(p, mode=0o700, exist_ok=True)
+                os.chmod(p, 0o700)
+            except OSError as exc:  # name the argument; a read-only file system is a permission too
+                cls = (PermissionError if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+                       else type(exc))
+                raise cls(exc.errno, f"PrefixStore.disk_dir: cannot create the directory "
+                          f"({exc.strerror})", p) from None
         marker = os.path.join(p, MARKER)
         if not os.path.isfile(marker):
             self._refuse_foreign()  # before creating .lock in someone else's directory
             if not os.access(p, os.W_OK | os.X_OK):
-                raise PermissionError(errno.EACCES, "PrefixStore.disk_dir: cannot write", p)
+                raise PermissionError(errno.EACCES, "PrefixStore.disk_dir: expected a directory this "
+                                      "process can write, got one it cannot", p)
             # Under the lock: processes opening a new directory at once must not take
             # each other's marker (or its temporary file) for a foreign entry.
             with self._exclusive():
@@ -141,7 +148,7 @@ class DiskTier:
                     self._sync_dir()
         if not os.access(p, os.R_OK | os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "PrefixStore.disk_dir: expected a readable and "
-                                  "writable directory", p)
+                                  "writable directory, got one this process cannot read or write", p)
         self._remove_stale_temps()
 
     def _refuse_foreign(self) -> None:
@@ -215,8 +222,8 @@ class DiskTier:
         of another size comes back empty (the caller's size check refuses it)."""
         sizes = expected if isinstance(expected, tuple) else (expected,)
         path = self.file_of(key)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
             return None, None
         except OSError as exc:
@@ -233,7 +240,9 @@ class DiskTier:
             # The inode alone could be a newer file's: unlinked inodes are reused at
             # once; its mtime, stamped to the ns at rename, tells them apart.
             ident = (st.st_ino, st.st_mtime_ns)
-            if not stat.S_ISREG(st.st_mode) or size not in sizes:
+            if not stat.S_ISREG(st.st_mode):
+                return None, None
+            if size not in sizes:
                 return b"", ident
             buf = allocate(size)
             view, got = memoryview(buf), 0
@@ -255,8 +264,8 @@ class DiskTier:
         them.  The caller closes the fd."""
         sizes = expected if isinstance(expected, tuple) else (expected,)
         path = self.file_of(key)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
@@ -270,7 +279,9 @@ class DiskTier:
         try:
             st = os.fstat(fd)
             ident = (st.st_ino, st.st_mtime_ns)
-            if not stat.S_ISREG(st.st_mode) or st.st_size not in sizes:
+            if not stat.S_ISREG(st.st_mode):
+                return None  # a directory or a FIFO under a record's name is no record
+            if st.st_size not in sizes:
                 return -1, ident, st.st_size, b"", b""
             first = os.pread(fd, head, 0)
             last = os.pread(fd, tail, st.st_size - tail)

@@ -43,7 +43,11 @@ def token_ids(tokens, name: str = "tokens") -> np.ndarray:
     if torch is not None and isinstance(tokens, torch.Tensor):
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
             raise TypeError(f"{name}: expected an integer tensor of token ids, got {tokens.dtype}")
-        tokens = tokens.detach().cpu().numpy()
+        try:
+            tokens = tokens.detach().cpu().numpy()
+        except (RuntimeError, NotImplementedError) as exc:  # a meta tensor has no data to read
+            raise TypeError(f"{name}: expected a tensor of token ids it can copy to the CPU, got "
+                            f"one on {tokens.device} ({exc})") from None
     elif not isinstance(tokens, np.ndarray):
         raise TypeError(f"{name}: expected token ids as a list of ints, a numpy integer array or a "
                         f"torch tensor, got {type(tokens).__name__}")
@@ -61,30 +65,36 @@ def token_ids(tokens, name: str = "tokens") -> np.ndarray:
     return np.ascontiguousarray(tokens, dtype="<u4")
 
 
-def _shape_arg(name: str, value) -> int:
+def _label(where: str, name: str) -> str:
+    """How a message names an argument: ``prefix_hashes: n_layers`` or ``PrefixStore.n_layers:``."""
+    return f"{where}: {name}" if where == "prefix_hashes" else f"{where}.{name}:"
+
+
+def _shape_arg(name: str, value, where: str = "prefix_hashes") -> int:
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise TypeError(f"prefix_hashes: {name} expected an int, got {type(value).__name__}")
+        raise TypeError(f"{_label(where, name)} expected an int, got {type(value).__name__}")
     if value < 1:
-        raise ValueError(f"prefix_hashes: {name} expected an int >= 1, got {value}")
+        raise ValueError(f"{_label(where, name)} expected an int >= 1, got {value}")
     return int(value)
 
 
 def root_key(*, model: str, n_layers: int, n_kv_heads: int, head_dim: int, block_tokens: int,
-             dtype: str, salt: bytes = b"") -> bytes:
-    """The chain's root: the parent of block 0 (docs/format.md, "Prefix keys")."""
+             dtype: str, salt: bytes = b"", where: str = "prefix_hashes") -> bytes:
+    """The chain's root: the parent of block 0 (docs/format.md, "Prefix keys").
+    ``where`` names the caller in messages (``PrefixStore``: ``PrefixStore.n_layers: ...``)."""
     if not isinstance(model, str):
-        raise TypeError(f"prefix_hashes: model expected a str, got {type(model).__name__}")
+        raise TypeError(f"{_label(where, 'model')} expected a str, got {type(model).__name__}")
     if not model:
-        raise ValueError("prefix_hashes: model expected a non-empty name of the weights, got ''")
+        raise ValueError(f"{_label(where, 'model')} expected a non-empty name of the weights, got ''")
     if not isinstance(salt, (bytes, bytearray, memoryview)):
-        raise TypeError(f"prefix_hashes: salt expected bytes, got {type(salt).__name__}")
+        raise TypeError(f"{_label(where, 'salt')} expected bytes, got {type(salt).__name__}")
     if not isinstance(dtype, str):
-        raise TypeError(f"prefix_hashes: dtype expected a str, got {type(dtype).__name__}")
+        raise TypeError(f"{_label(where, 'dtype')} expected a str, got {type(dtype).__name__}")
     if dtype not in DTYPES:
-        raise ValueError(f"prefix_hashes: dtype expected one of {tuple(DTYPES)}, got {dtype!r}")
-    shape = "x".join(str(_shape_arg(n, v)) for n, v in
+        raise ValueError(f"{_label(where, 'dtype')} expected one of {tuple(DTYPES)}, got {dtype!r}")
+    shape = "x".join(str(_shape_arg(n, v, where)) for n, v in
                      (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)))
-    B = _shape_arg("block_tokens", block_tokens)
+    B = _shape_arg("block_tokens", block_tokens, where)
     return hashlib.sha256(_MAGIC + model.encode("utf-8") + b"\0" + hashlib.sha256(bytes(salt)).digest()
                           + f"{shape}:{B}:{dtype}".encode()).digest()
 

@@ -4,7 +4,8 @@ Owns: the record layout (docs/format.md, "Prefix records"), building a
 record's header and trailer, and every check a record must pass before a
 byte of it reaches a cache (size, header, key, parent, token ids, then the
 CRC32C or, with a secret, the HMAC-SHA256).  RAM, disk and remote tiers
-hold exactly these bytes.
+hold exactly these bytes.  ``verify_file`` runs every check on one record
+file, its shape taken from its own header (``kvcache inspect --verify``).
 Must not touch: where records live (kvcache.prefix.store and its tiers) or
 the rows' meaning (the cache's dtype; kvcache._blocks copies them).
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import stat
 import struct
 from dataclasses import dataclass, replace
 from typing import Any, Optional
@@ -29,6 +32,7 @@ CRC_BYTES, MAC_BYTES = 4, 32
 _HEAD = struct.Struct("<8sHHIIIIIIBxxxQ32s32s16x")
 assert _HEAD.size == FIXED
 _CODES = {d.code: d.name for d in DTYPES.values()}
+_PADS = ((37, 40), (112, FIXED))  # the fixed header's zero bytes: after the dtype code, reserved
 
 # What a failed check was (the store's counters and messages name them).
 BAD_SIZE, BAD_HEADER, BAD_KEY, BAD_PARENT, BAD_TOKENS, BAD_CRC, BAD_MAC = (
@@ -167,7 +171,9 @@ def check_header(buf, layout: Layout, key: bytes, parent: bytes, tokens: Optiona
         return BAD_TOKENS
     if hashlib.sha256(parent + ids).digest() != key:  # the record names its own tokens
         return BAD_TOKENS
-    if bytes(memoryview(buf)[FIXED + 4 * layout.block_tokens:layout.header_bytes]).strip(b"\0"):
+    mv = memoryview(buf)
+    if bytes(mv[FIXED + 4 * layout.block_tokens:layout.header_bytes]).strip(b"\0") or any(
+            bytes(mv[a:b]).strip(b"\0") for a, b in _PADS):
         return BAD_HEADER
     return None
 
@@ -186,3 +192,96 @@ def check_mac(buf, layout: Layout, secret: bytes) -> bool:
 def token_ids_of(buf, layout: Layout) -> np.ndarray:
     """The block's token ids a record holds."""
     return np.frombuffer(memoryview(buf)[FIXED:FIXED + 4 * layout.block_tokens], "<u4")
+
+
+MAC_UNCHECKED = "mac unchecked"  # verify_file's answer for an HMAC record it has no secret for
+
+
+def verify_file(path, secret: Optional[bytes] = None, key: Optional[bytes] = None) -> Optional[str]:
+    """Every check of one record file, on its own: what ``kvcache inspect --verify`` runs.
+
+    The record's shape comes from its own header (a directory may hold
+    records of several shapes), then it must pass what ``load`` checks:
+    its size against the header's total, the header fields (magic,
+    version, flags, the sizes they imply, zero padding), its key against
+    SHA-256(parent + token ids), and its CRC32C or, given ``secret``, its
+    HMAC-SHA256.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The record file.
+    secret : bytes, optional
+        The secret of a store writing HMAC records.
+    key : bytes, optional
+        The key the file should hold (the disk tier names a file by its key).
+
+    Returns
+    -------
+    str or None
+        None if the record passes every check; else the first failing one as
+        ``"<check>: <what was found>"``, ``<check>`` one of ``size``,
+        ``header``, ``key``, ``checksum``, ``mac``; :data:`MAC_UNCHECKED` for
+        an HMAC record without ``secret`` that passes every other check.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return f"{BAD_SIZE}: not a regular file"
+        buf = new_buffer(st.st_size)
+        view, got = memoryview(buf), 0
+        while got < st.st_size:
+            n = os.readv(fd, [view[got:]])
+            if n == 0:
+                break
+            got += n
+        buf = buf[:got]
+    finally:
+        os.close(fd)
+    if got < FIXED:
+        return f"{BAD_SIZE}: {got} bytes, shorter than the {FIXED}-byte fixed header"
+    h = parse_header(buf)
+    if h["magic"] != MAGIC:
+        return f"{BAD_HEADER}: magic {h['magic']!r}, expected {MAGIC!r}"
+    if h["version"] != VERSION:
+        return f"{BAD_HEADER}: version {h['version']}, expected {VERSION}"
+    if h["flags"] & ~FLAG_HMAC:
+        return f"{BAD_HEADER}: flags {h['flags']:#x}, expected 0 or {FLAG_HMAC}"
+    if not isinstance(h["dtype"], str):
+        return f"{BAD_HEADER}: dtype code {h['dtype']}, expected one of {sorted(_CODES)}"
+    for name in ("n_layers", "n_kv_heads", "head_dim", "block_tokens"):
+        if h[name] < 1:
+            return f"{BAD_HEADER}: {name}={h[name]}, expected >= 1"
+    layout = Layout(h["n_layers"], h["n_kv_heads"], h["head_dim"], h["block_tokens"], h["dtype"],
+                    bool(h["flags"] & FLAG_HMAC))
+    for name in ("header_bytes", "row_bytes", "total"):
+        if h[name] != getattr(layout, name):
+            return (f"{BAD_HEADER}: {name}={h[name]}, expected {getattr(layout, name)} for "
+                    f"{layout.n_layers}x{layout.n_kv_heads}x{layout.head_dim}:"
+                    f"{layout.block_tokens}:{layout.dtype}")
+    if got != layout.total:
+        return f"{BAD_SIZE}: {got} bytes, the header says {layout.total}"
+    why = check_header(buf, layout, h["key"], h["parent"], None)
+    if why == BAD_TOKENS:
+        return f"{BAD_KEY}: the key is not SHA-256(parent + token ids)"
+    if why is not None:
+        return f"{BAD_HEADER}: non-zero padding"
+    if key is not None and h["key"] != key:
+        return f"{BAD_KEY}: named {key.hex()[:16]}..., holds the record of {h['key'].hex()[:16]}..."
+    if not layout.mac:
+        from kvcache._simd import crc32c
+        crc = crc32c(memoryview(buf)[:layout.body_bytes])
+        if crc != stored_crc(buf, layout):
+            return f"{BAD_CRC}: CRC32C {stored_crc(buf, layout):#010x} stored, {crc:#010x} computed"
+        return None
+    if secret is None:
+        return MAC_UNCHECKED
+    if not check_mac(buf, layout, secret):
+        return f"{BAD_MAC}: the HMAC-SHA256 does not match under this secret (another secret, or forged)"
+    return None

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from kvcache._blocks import append_rows, read_rows
-from kvcache.config import usable_cores
+from kvcache.config import MAX_THREADS, usable_cores
 from kvcache.errors import CacheClosedError
 from kvcache.prefix import record as rec
 from kvcache.prefix.keys import chain, root_key, token_ids
@@ -37,6 +37,7 @@ log = logging.getLogger("kvcache")
 
 TIERS = ("ram", "disk")
 DEFAULT_RAM_BYTES = 1 << 30
+U32_LIMIT = 2**32  # the record header's shape fields are uint32
 STAT_NAMES = (
     "lookups", "query_tokens", "hit_tokens_ram", "hit_tokens_disk", "blocks_saved",
     "records_ram", "bytes_ram", "records_disk", "bytes_disk", "evictions_ram", "evictions_disk",
@@ -55,17 +56,31 @@ class _OnDisk:
         self.head, self.fd, self.size, self.crc = head, fd, size, crc
 
 
-def _int_option(name: str, value, low: int, allow_none: bool = False):
+def _int_option(name: str, value, low: int, allow_none: bool = False, high: Optional[int] = None):
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"PrefixStore.{name}: expected an int, got {type(value).__name__}")
+        raise TypeError(f"PrefixStore.{name}: expected an int{' or None' if allow_none else ''}, "
+                        f"got {type(value).__name__}")
     if value < low:
         raise ValueError(f"PrefixStore.{name}: expected an int >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"PrefixStore.{name}: expected an int <= {high}, got {value}")
     return value
 
 
-def _kv_of(cache):
+def _path_option(name: str, value) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"PrefixStore.{name}: expected a path or None, got {type(value).__name__}")
+    path = os.fspath(value)
+    if not path:
+        raise ValueError(f"PrefixStore.{name}: expected a path or None, got {value!r}")
+    return os.fsdecode(path)
+
+
+def _kv_of(cache, where: str):
     """The TieredKVCache behind ``cache`` (itself, or an integration's ``.kv``)."""
     from kvcache._cache import TieredKVCache
     if isinstance(cache, TieredKVCache):
@@ -73,7 +88,8 @@ def _kv_of(cache):
     kv = getattr(cache, "kv", None)
     if isinstance(kv, TieredKVCache):
         return kv
-    raise TypeError(f"expected a TieredKVCache (or a TieredCache), got {type(cache).__name__}")
+    raise TypeError(f"{where}: cache expected a TieredKVCache (or a TieredCache), "
+                    f"got {type(cache).__name__}")
 
 
 class PrefixStore:
@@ -117,16 +133,30 @@ class PrefixStore:
                  disk_dir=None, disk_bytes: Optional[int] = None, salt: bytes = b"",
                  secret: Optional[bytes] = None, threads: Optional[int] = None):
         self.root = root_key(model=model, n_layers=n_layers, n_kv_heads=n_kv_heads,
-                             head_dim=head_dim, block_tokens=block_tokens, dtype=dtype, salt=salt)
-        if secret is not None and (not isinstance(secret, (bytes, bytearray)) or not secret):
+                             head_dim=head_dim, block_tokens=block_tokens, dtype=dtype, salt=salt,
+                             where="PrefixStore")
+        for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads),
+                            ("head_dim", head_dim), ("block_tokens", block_tokens)):
+            if value >= U32_LIMIT:
+                raise ValueError(f"PrefixStore.{name}: expected an int < 2**32 (a uint32 of the "
+                                 f"record header), got {value}")
+        if secret is not None and not isinstance(secret, (bytes, bytearray)):
             raise TypeError(f"PrefixStore.secret: expected non-empty bytes or None, "
                             f"got {type(secret).__name__}")
+        if secret is not None and not secret:
+            raise ValueError("PrefixStore.secret: expected non-empty bytes or None, got b''")
         self.model = model
         self.layout = rec.Layout(int(n_layers), int(n_kv_heads), int(head_dim), int(block_tokens),
                                  dtype, secret is not None)
+        if self.layout.row_bytes >= U32_LIMIT:
+            raise ValueError(f"PrefixStore: expected rows of fewer than 2**32 bytes (a uint32 of the "
+                             f"record header), got {self.layout.row_bytes} (n_kv_heads={n_kv_heads} "
+                             f"x head_dim={head_dim} in {dtype})")
         self.ram_bytes = _int_option("ram_bytes", ram_bytes, 0)
         self.disk_bytes = _int_option("disk_bytes", disk_bytes, 0, allow_none=True)
-        self.threads = _int_option("threads", threads if threads is not None else usable_cores(), 1)
+        self.threads = _int_option("threads", threads if threads is not None else usable_cores(), 1,
+                                   high=MAX_THREADS)
+        disk_dir = _path_option("disk_dir", disk_dir)
         self._secret = bytes(secret) if secret is not None else None
         self._scratch: list = []  # buffers of one record's rows for loads streaming from disk
         self._lock = threading.Lock()
@@ -142,7 +172,7 @@ class PrefixStore:
     def for_cache(cls, cache, model: str, **options) -> "PrefixStore":
         """A store for caches shaped like ``cache`` (its layers, heads, head_dim,
         block_tokens and dtype); ``options`` are the other keywords."""
-        c = _kv_of(cache).config
+        c = _kv_of(cache, "PrefixStore.for_cache").config
         return cls(model, n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
                    block_tokens=c.block_tokens, dtype=c.dtype, **options)
 
@@ -176,7 +206,7 @@ class PrefixStore:
             raise CacheClosedError("this PrefixStore is closed")
 
     def _check_cache(self, cache, op: str):
-        kv = _kv_of(cache)
+        kv = _kv_of(cache, f"PrefixStore.{op}")
         c, L = kv.config, self.layout
         for name, mine in (("n_layers", L.n_layers), ("n_kv_heads", L.n_kv_heads),
                            ("head_dim", L.head_dim), ("block_tokens", L.block_tokens),
@@ -226,7 +256,9 @@ class PrefixStore:
             A cold block of the cache failing its checksum (nothing is added
             for it or after it).
         OSError
-            The disk tier cannot write (the records stay in RAM).
+            The disk tier cannot write: every new record is in RAM all the
+            same (and counted in ``blocks_saved``), none from the refused one
+            on is on disk.
         """
         self._check_open()
         ids = token_ids(tokens)
@@ -239,36 +271,43 @@ class PrefixStore:
         if not missing:
             return 0
         chain_keys = frozenset(keys)
-        added = 0
+        added, refused = 0, None
         # Written in chain order (a crash leaves a prefix of it), stamped in reverse
         # (the disk tier evicts a chain's tail before its head).
         stamp = time.time_ns() + len(missing)
-        for j, i in enumerate(missing):  # one block at a time: at the budget, each reuses an evicted buffer
-            buf = take_buffer(self._ram, self._lock, L.total, chain_keys)
-            rec.write_header(buf, L, keys[i], keys[i - 1] if i else self.root, ids[i * B:(i + 1) * B])
-            crc = read_rows(kv, i * B, (i + 1) * B, buf, L.header_bytes)  # summed as it copies
-            rec.seal(buf, L, self._secret, None if L.mac else crc)
-            with self._lock:
-                self._check_open()
-                # Another thread's save holds it in RAM already: its block, whoever
-                # renames the file (else both would count it).
-                theirs = keys[i] in self._ram.records
-                held = self._ram.insert(keys[i], buf, chain_keys)
-                if held is not None:
-                    held.pins += 1  # not recycled by another save while it is written out
-            try:
-                wrote = (self.disk.write(keys[i], buf, stamp - j) if self.disk is not None
-                         else False)
-            finally:
+        try:
+            for j, i in enumerate(missing):  # one block at a time: at the budget, each reuses an evicted buffer
+                buf = take_buffer(self._ram, self._lock, L.total, chain_keys)
+                rec.write_header(buf, L, keys[i], keys[i - 1] if i else self.root, ids[i * B:(i + 1) * B])
+                crc = read_rows(kv, i * B, (i + 1) * B, buf, L.header_bytes)  # summed as it copies
+                rec.seal(buf, L, self._secret, None if L.mac else crc)
                 with self._lock:
+                    self._check_open()
+                    # Another thread's save holds it in RAM already: its block, whoever
+                    # renames the file (else both would count it).
+                    theirs = keys[i] in self._ram.records
+                    held = self._ram.insert(keys[i], buf, chain_keys)
                     if held is not None:
-                        self._ram.unpin(held)
-                    else:
-                        self._ram.give_back(buf)
-            if held is not None or (wrote and not theirs):
-                added += 1
-        with self._lock:
-            self._counts["blocks_saved"] += added
+                        held.pins += 1  # not recycled by another save while it is written out
+                wrote = False
+                try:
+                    if self.disk is not None and refused is None:
+                        wrote = self.disk.write(keys[i], buf, stamp - j)
+                except OSError as exc:  # the rest still go to RAM; raised once they are there
+                    refused = exc
+                finally:
+                    with self._lock:
+                        if held is not None:
+                            self._ram.unpin(held)
+                        else:
+                            self._ram.give_back(buf)
+                if held is not None or (wrote and not theirs):
+                    added += 1
+        finally:
+            with self._lock:
+                self._counts["blocks_saved"] += added
+        if refused is not None:
+            raise refused
         return added
 
     # -- lookups ------------------------------------------------------------------------
