@@ -1,4 +1,4 @@
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 from typing_extensions import Buffer
 
@@ -7,4 +7,3 @@ def read_rows(cache: object, start: int, stop: int, buf: Buffer, offset: int) ->
 def append_rows(cache: object, records: List[Union[Buffer, Tuple[Buffer, int]]], offset: int,
                 block_tokens: int, last: int, expect: Optional[List[int]] = None,
                 scratch: Optional[Buffer] = None) -> int: ...
-def crc32c_many(bufs: List[Buffer], lengths: List[int], threads: int = 1) -> List[int]: ...

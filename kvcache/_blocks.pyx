@@ -2,9 +2,10 @@
 
 Owns: copying positions of every layer of a TieredKVCache out into a
 record's rows in the cache's hot dtype (``read_rows``; cold blocks converted
-by the engine's read), appending records' rows to a cache (``append_rows``,
-through the engine's store path), and the CRC32C of many buffers at once
-(``crc32c_many``).  A record's rows are, for each layer, ``B`` key rows then
+by the engine's read) with their CRC32C summed as they land, appending
+records' rows to a cache (``append_rows``, through the engine's store path)
+with their CRC32C checked as they are copied, and joining CRC32Cs
+(``crc32c_combine``).  A record's rows are, for each layer, ``B`` key rows then
 ``B`` value rows, ``row_bytes`` apart (docs/format.md, "Prefix records").
 Must not touch: record headers, checksums' meaning or tiers of the store
 (kvcache.prefix.record / store); slots, blocks and files (the engine's).
@@ -266,41 +267,3 @@ def append_rows(cache, list records, Py_ssize_t offset, Py_ssize_t block_tokens,
     if status != KVC_OK:
         raise_error(&rec, "store", cache._path_of, t.block_tokens, -1)
     return count
-
-
-cdef struct CrcJob:
-    const char **ptrs
-    Py_ssize_t *lengths
-    uint32_t *out
-
-
-cdef void _crc_task(void *ctx, size_t i) noexcept nogil:
-    cdef CrcJob *j = <CrcJob *>ctx
-    j.out[i] = simd_ops().crc32c(0, j.ptrs[i], <size_t>j.lengths[i])
-
-
-def crc32c_many(list bufs, list lengths, int threads=1):
-    """CRC32C of ``bufs[i][:lengths[i]]`` for every i, on up to ``threads`` threads."""
-    cdef Py_ssize_t i, count = len(bufs)
-    cdef list keep = []
-    cdef CrcJob job
-    if len(lengths) != count:
-        raise ValueError(f"crc32c_many: {count} buffers but {len(lengths)} lengths")
-    job.ptrs = <const char **>calloc(count + 1, sizeof(char *))
-    job.lengths = <Py_ssize_t *>calloc(count + 1, sizeof(Py_ssize_t))
-    job.out = <uint32_t *>calloc(count + 1, sizeof(uint32_t))
-    try:
-        if job.ptrs == NULL or job.lengths == NULL or job.out == NULL:
-            raise MemoryError()
-        for i in range(count):
-            job.lengths[i] = lengths[i]
-            if job.lengths[i] < 0:
-                raise ValueError(f"crc32c_many: a negative length {lengths[i]}")
-            job.ptrs[i] = _readable(bufs[i], job.lengths[i], keep) if job.lengths[i] else NULL
-        with nogil:
-            kvc_pool_run(threads if count > 1 else 1, count, _crc_task, &job)
-        return [job.out[i] for i in range(count)]
-    finally:
-        free(job.ptrs)
-        free(job.lengths)
-        free(job.out)

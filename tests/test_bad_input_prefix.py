@@ -94,7 +94,7 @@ class Ctx:
         return kvcache.TieredKVCache(max_seq_len=MAX, block_tokens=BT, **{**SHAPE, **opts})
 
     def open_store(self, **kw):
-        args = dict(disk_dir=self.disk_dir, secret=self.secret, threads=1)
+        args = dict(disk_dir=self.disk_dir, secret=self.secret)
         args.update(kw)
         return PrefixStore.for_cache(self.src, MODEL, **args)
 
@@ -285,11 +285,6 @@ CONSTRUCTOR = [  # PrefixStore(MODEL, **GOOD, **kwargs): (name, kwargs(ctx) or k
     ("secret str", dict(secret="s3cret"), TypeError, "PrefixStore.secret: expected non-empty bytes or None, got str"),
     ("secret int", dict(secret=3), TypeError, "PrefixStore.secret: expected non-empty bytes or None, got int"),
     ("secret empty", dict(secret=b""), ValueError, "PrefixStore.secret: expected non-empty bytes or None, got b''"),
-    ("threads 0", dict(threads=0), ValueError, "PrefixStore.threads: expected an int >= 1, got 0"),
-    ("threads -1", dict(threads=-1), ValueError, "PrefixStore.threads: expected an int >= 1, got -1"),
-    ("threads 2**70", dict(threads=BIG), ValueError, rf"PrefixStore.threads: expected an int <= \d+, got {BIG}"),
-    ("threads float", dict(threads=2.0), TypeError, "PrefixStore.threads: expected an int, got float"),
-    ("threads bool", dict(threads=True), TypeError, "PrefixStore.threads: expected an int, got bool"),
     ("disk_dir int", dict(disk_dir=3), TypeError, "PrefixStore.disk_dir: expected a path or None, got int"),
     ("disk_dir bytes", dict(disk_dir=b"/tmp/store"), TypeError,
      "PrefixStore.disk_dir: expected a path or None, got bytes"),
@@ -625,7 +620,7 @@ def record_of(ctx, block, **store_kw):
     fill(src, len(PROMPT), seed=3)
     d = ctx.tmp / f"other-{n}"
     model = store_kw.pop("model", MODEL)
-    args = dict(disk_dir=d, secret=ctx.secret, threads=1)
+    args = dict(disk_dir=d, secret=ctx.secret)
     args.update(store_kw)
     with PrefixStore.for_cache(src, model, **args) as other:
         assert other.save(src, PROMPT) == N_BLOCKS

@@ -786,7 +786,7 @@ def test_threads_save_and_load_concurrently(tmp_path):
             items.append((tokens, src))
         work.append(items)
     barrier = threading.Barrier(n_threads)
-    with kvcache.PrefixStore.for_cache(work[0][0][1], MODEL, disk_dir=tmp_path / "s", threads=2) as s:
+    with kvcache.PrefixStore.for_cache(work[0][0][1], MODEL, disk_dir=tmp_path / "s") as s:
         def worker(items):
             def run():
                 barrier.wait()

@@ -16,7 +16,7 @@ import pytest
 
 import kvcache
 import prefix_reader as pr
-from kvcache._blocks import crc32c_combine, crc32c_many, read_rows
+from kvcache._blocks import crc32c_combine, read_rows
 from kvcache._simd import crc32c
 from test_prefix import B, MODEL, assert_same, cache, corrupt, files, name, prompt, ref_keys, source
 
@@ -27,16 +27,6 @@ def test_crc32c_combine_is_the_crc_of_the_concatenation():
         a = rng.randbytes(rng.choice([0, 1, 3, 8, 63, 64, 1000, rng.randrange(5000)]))
         b = rng.randbytes(rng.choice([0, 1, 7, 64, 4096, rng.randrange(70000)]))
         assert crc32c_combine(crc32c(a), crc32c(b), len(b)) == crc32c(a + b) == pr.crc32c(a + b)
-
-
-def test_crc32c_many_matches_one_by_one():
-    bufs = [os.urandom(n) for n in (0, 1, 5, 4096, 100_003)]
-    lengths = [len(b) - (1 if b else 0) for b in bufs]
-    assert crc32c_many(bufs, lengths, 2) == [pr.crc32c(b[:n]) for b, n in zip(bufs, lengths)]
-    with pytest.raises(ValueError, match="lengths"):
-        crc32c_many(bufs, lengths[:-1])
-    with pytest.raises(ValueError, match="expected at least"):
-        crc32c_many([b"abc"], [4])
 
 
 @pytest.mark.parametrize("hot_tokens", [None, 2 * B])

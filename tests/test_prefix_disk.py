@@ -26,13 +26,15 @@ from kvcache.prefix import disk as disk_mod
 from kvcache.prefix.disk import DiskTier
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prefix_disk_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = w.B
 
 
 def child_env():
+    """The environment of a child: it imports the kvcache this process imported (the
+    source tree's, or an installed or cross-built one)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    here = os.path.dirname(os.path.dirname(os.path.abspath(kvcache.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [here, env.get("PYTHONPATH", "")] if p)
     return env
 
 

@@ -76,7 +76,7 @@ class Layout:
         return self.body_bytes + self.trailer_bytes
 
 
-def new_buffer(nbytes: int) -> np.ndarray:
+def new_buffer(nbytes: int) -> Any:
     """A zeroed uint8 buffer for a record, 64-byte aligned, from kvcache's
     allocator (large ones are anonymous mappings with transparent huge pages
     asked for: a 32 MiB record faults in 16 pages, not 8192)."""
@@ -271,7 +271,7 @@ def verify_file(path, secret: Optional[bytes] = None, key: Optional[bytes] = Non
     if why == BAD_TOKENS:
         return f"{BAD_KEY}: the key is not SHA-256(parent + token ids)"
     if why is not None:
-        return f"{BAD_HEADER}: non-zero padding"
+        return f"{BAD_HEADER}: non-zero padding or reserved bytes"
     if key is not None and h["key"] != key:
         return f"{BAD_KEY}: named {key.hex()[:16]}..., holds the record of {h['key'].hex()[:16]}..."
     if not layout.mac:

@@ -27,7 +27,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from kvcache._blocks import append_rows, read_rows
-from kvcache.config import MAX_THREADS, usable_cores
 from kvcache.errors import CacheClosedError
 from kvcache.prefix import record as rec
 from kvcache.prefix.keys import chain, root_key, token_ids
@@ -56,7 +55,7 @@ class _OnDisk:
         self.head, self.fd, self.size, self.crc = head, fd, size, crc
 
 
-def _int_option(name: str, value, low: int, allow_none: bool = False, high: Optional[int] = None):
+def _int_option(name: str, value, low: int, allow_none: bool = False):
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -64,8 +63,6 @@ def _int_option(name: str, value, low: int, allow_none: bool = False, high: Opti
                         f"got {type(value).__name__}")
     if value < low:
         raise ValueError(f"PrefixStore.{name}: expected an int >= {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"PrefixStore.{name}: expected an int <= {high}, got {value}")
     return value
 
 
@@ -120,18 +117,17 @@ class PrefixStore:
     secret : bytes, optional
         Records carry an HMAC-SHA256 under it instead of a CRC32C: whoever
         can write ``disk_dir`` without it cannot inject KV.
-    threads : int, optional
-        Native threads for checksums (default: every usable core).
 
     Notes
     -----
-    Thread-safe; a context manager; :meth:`close` frees the RAM tier.
+    Thread-safe; a context manager; :meth:`close` frees the RAM tier.  The
+    copies run on the cache's own native threads (``TieredKVCache.threads``).
     """
 
     def __init__(self, model: str, *, n_layers: int, n_kv_heads: int, head_dim: int,
                  block_tokens: int, dtype: str = "float32", ram_bytes: int = DEFAULT_RAM_BYTES,
                  disk_dir=None, disk_bytes: Optional[int] = None, salt: bytes = b"",
-                 secret: Optional[bytes] = None, threads: Optional[int] = None):
+                 secret: Optional[bytes] = None):
         self.root = root_key(model=model, n_layers=n_layers, n_kv_heads=n_kv_heads,
                              head_dim=head_dim, block_tokens=block_tokens, dtype=dtype, salt=salt,
                              where="PrefixStore")
@@ -154,8 +150,6 @@ class PrefixStore:
                              f"x head_dim={head_dim} in {dtype})")
         self.ram_bytes = _int_option("ram_bytes", ram_bytes, 0)
         self.disk_bytes = _int_option("disk_bytes", disk_bytes, 0, allow_none=True)
-        self.threads = _int_option("threads", threads if threads is not None else usable_cores(), 1,
-                                   high=MAX_THREADS)
         disk_dir = _path_option("disk_dir", disk_dir)
         self._secret = bytes(secret) if secret is not None else None
         self._scratch: list = []  # buffers of one record's rows for loads streaming from disk
