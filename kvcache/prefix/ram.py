@@ -140,11 +140,14 @@ class RamTier:
         self._recycle(h)
 
     def clear(self) -> None:
+        """Forget every record and spare buffer, for good (the store is closing):
+        buffers pinned by loads in flight are let go when they end."""
         for h in self.records.values():
             h.gone = True
         self.records.clear()
         self.free.clear()
         self.used = 0
+        self.budget = 0
 
 
 def take_buffer(ram: RamTier, lock, nbytes: int, protect=frozenset()):

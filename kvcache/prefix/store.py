@@ -334,30 +334,45 @@ class PrefixStore:
         L = self.layout
         out: List[Tuple[Any, str, Any]] = []
         chain_keys = frozenset(keys)  # a disk read may recycle a RAM record's buffer, not the chain's
-        for key in keys:
-            with self._lock:
-                held = self._ram.get(key)
-            if held is not None:
-                out.append((held.buf, "ram", held))
-                continue
-            if self.disk is None:
-                break
-            # A record sealed the other way is read too: its check counts a MAC
-            # failure and keeps it (another worker's secret setting), not damage.
-            sizes = (L.total, rec.other_seal(L).total)
-            if self._streams():
-                got = self.disk.open_record(key, sizes, L.header_bytes, rec.CRC_BYTES)
+        try:
+            for key in keys:
+                with self._lock:
+                    held = self._ram.get(key)
+                if held is not None:
+                    out.append((held.buf, "ram", held))
+                    continue
+                if self.disk is None:
+                    break
+                try:
+                    got = self._read_disk(key, chain_keys)
+                except OSError as exc:  # the disk tier failing is a miss, not the caller's error
+                    log.warning("kvcache prefix store: cannot read %s (%s): a miss",
+                                self.disk.file_of(key), exc)
+                    break
                 if got is None:
                     break
-                fd, inode, size, head, tail = got
-                out.append((_OnDisk(np.frombuffer(head, np.uint8), fd, size,
-                                    struct.unpack("<I", tail)[0] if len(tail) == 4 else 0), "disk", inode))
-                continue
-            buf, inode = self.disk.read(key, sizes, lambda n: take_buffer(self._ram, self._lock, n, chain_keys))
-            if buf is None:
-                break
-            out.append((buf, "disk", inode))
+                out.append(got)
+        except BaseException:
+            self._unpin(out, set())
+            raise
         return out
+
+    def _read_disk(self, key: bytes, chain_keys):
+        """(buffer or _OnDisk, "disk", identity) of ``key``'s file, or None."""
+        L, disk = self.layout, self.disk
+        assert disk is not None
+        # A record sealed the other way is read too: its check counts a MAC
+        # failure and keeps it (another worker's secret setting), not damage.
+        sizes = (L.total, rec.other_seal(L).total)
+        if self._streams():
+            got = disk.open_record(key, sizes, L.header_bytes, rec.CRC_BYTES)
+            if got is None:
+                return None
+            fd, ident, size, head, tail = got
+            return (_OnDisk(np.frombuffer(head, np.uint8), fd, size,
+                            struct.unpack("<I", tail)[0] if len(tail) == 4 else 0), "disk", ident)
+        buf, ident = disk.read(key, sizes, lambda n: take_buffer(self._ram, self._lock, n, chain_keys))
+        return None if buf is None else (buf, "disk", ident)
 
     def _streams(self) -> bool:
         """Whether loads read disk records straight from their files (a record
