@@ -93,7 +93,7 @@ cdef void _read_task(void *ctx, size_t l) noexcept nogil:
     dst.k += <Py_ssize_t>l * j.layer_step
     dst.v += <Py_ssize_t>l * j.layer_step
     kvc_error_clear(&j.errors[l])
-    j.status[l] = read_layer(j.tier, l, j.kind, j.start, j.stop, dst, &j.errors[l])
+    j.status[l] = read_layer(j.tier, l, j.kind, j.start, j.stop, dst, &j.errors[l], False)
     if j.status[l] == KVC_OK:  # the rows just written are still in cache
         j.crcs[2 * l] = simd_ops().crc32c(0, dst.k, <size_t>((j.stop - j.start) * j.tier.row_bytes))
         j.crcs[2 * l + 1] = simd_ops().crc32c(0, dst.v, <size_t>((j.stop - j.start) * j.tier.row_bytes))

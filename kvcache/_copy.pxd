@@ -44,4 +44,5 @@ cdef int append_locked(Tier *t, HotLayer *L, const RowFmt *fmt, Py_ssize_t n, Ro
 cdef bint moves_blocks(Tier *t, Py_ssize_t n) noexcept nogil
 cdef void append_task(void *ctx, size_t l) noexcept nogil
 cdef int read_locked(Tier *t, HotLayer *L, const RowFmt *out, Py_ssize_t start, Py_ssize_t stop,
-                     Rows dst, kvc_error *e, Py_ssize_t *hot, Py_ssize_t *cold) noexcept nogil
+                     Rows dst, kvc_error *e, Py_ssize_t *hot, Py_ssize_t *cold,
+                     bint may_promote=*) noexcept nogil

@@ -227,16 +227,18 @@ cdef int append_checked(AppendJob *j, size_t l, Rows src) noexcept nogil:
 
 # -- reads -------------------------------------------------------------------------
 cdef int read_locked(Tier *t, HotLayer *L, const RowFmt *out, Py_ssize_t start, Py_ssize_t stop,
-                     Rows dst, kvc_error *e, Py_ssize_t *hot, Py_ssize_t *cold) noexcept nogil:
+                     Rows dst, kvc_error *e, Py_ssize_t *hot, Py_ssize_t *cold,
+                     bint may_promote=True) noexcept nogil:
     """Copy rows [start, stop) of a tiered layer (lock held, range checked) out
-    as ``out``, promoting cold blocks the policy brings back; adds to ``hot``
+    as ``out``, promoting cold blocks the policy brings back (unless
+    ``may_promote`` is false: a prefix save reads without moving); adds to ``hot``
     and ``cold`` the rows each tier served.  A row counts as cold when its
     block was cold as the read found it, also when the read promotes it."""
     cdef Py_ssize_t B = t.block_tokens, cb = t.cold_fmt.row_bytes
     cdef Py_ssize_t pos = start, b = start // B, off, cnt, cold_blocks = 0
     cdef Block *blk
     cdef int status = KVC_OK
-    cdef bint promote = t.policy.promote, was_cold
+    cdef bint promote = t.policy.promote and may_promote, was_cold
     cdef kvc_error attempt
     L.tick += 1
     if promote:

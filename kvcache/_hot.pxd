@@ -5,7 +5,7 @@ from kvcache._tier cimport HotLayer, Tier
 
 
 cdef int read_layer(Tier *t, Py_ssize_t layer, int kind, Py_ssize_t start, Py_ssize_t stop, Rows dst,
-                    kvc_error *e) noexcept nogil
+                    kvc_error *e, bint may_promote=*) noexcept nogil
 
 
 cdef class HotTier:

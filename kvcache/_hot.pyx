@@ -75,8 +75,9 @@ cdef inline bint _meets(const char *lo, const char *hi, const char *base, size_t
 
 
 cdef int read_layer(Tier *t, Py_ssize_t layer, int kind, Py_ssize_t start, Py_ssize_t stop, Rows dst,
-                    kvc_error *e) noexcept nogil:
-    """HotTier.read of the tier ``t`` (kvcache._blocks reads every layer on the pool)."""
+                    kvc_error *e, bint may_promote=True) noexcept nogil:
+    """HotTier.read of the tier ``t`` (kvcache._blocks reads every layer on the
+    pool, without promoting: saving a prefix leaves the cache's tiers as they are)."""
     cdef HotLayer *L = &t.layers[layer]
     cdef Py_ssize_t hot = 0, cold = 0
     cdef int status = KVC_OK
@@ -92,7 +93,7 @@ cdef int read_layer(Tier *t, Py_ssize_t layer, int kind, Py_ssize_t start, Py_ss
                               dst, stop - start)
         hot = stop - start
     else:
-        status = read_locked(t, L, &out, start, stop, dst, e, &hot, &cold)
+        status = read_locked(t, L, &out, start, stop, dst, e, &hot, &cold, may_promote)
     kvc_lock_release(&L.lock)
     if status == KVC_OK:
         kvc_stats_add(t.stats, KVC_STAT_TOKENS_READ, stop - start)

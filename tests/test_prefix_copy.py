@@ -187,3 +187,23 @@ def test_recycled_buffers_never_change_under_a_load(tmp_path):
     assert st["bytes_ram"] <= 2 * 4 * one and st["integrity_failures"] == 0
     assert len(s._ram.free) * one + st["bytes_ram"] <= 2 * 4 * one  # the budget bounds both
     s.close()
+
+
+def test_save_leaves_the_source_cache_tiers_as_they_are():
+    """Saving a prefix reads cold blocks without promoting them: the source's RAM
+    keeps the blocks it held (its recent ones), its promotion counters do not move,
+    and the records still hold exactly what get returns."""
+    n = 8 * B
+    src = source(n, "float16", hot_tokens=2 * B, eviction_policy="lru", promote_on_read=True)
+    tokens = prompt(n)
+    hot = [src._hot_tier()._debug_hot_blocks(layer) for layer in range(src.config.n_layers)]
+    before = src.stats()
+    with kvcache.PrefixStore.for_cache(src, MODEL) as s:
+        assert s.save(src, tokens) == 8
+        after = src.stats()
+        assert [src._hot_tier()._debug_hot_blocks(layer) for layer in range(src.config.n_layers)] == hot
+        assert (after["promotions"], after["eviction_blocks"]) == (before["promotions"], before["eviction_blocks"])
+        assert after["cold_hits"] - before["cold_hits"] == 6 * B * src.config.n_layers
+        c = cache("float16")
+        assert s.load(c, tokens + [1]) == n
+        assert_same(c, src, n)
