@@ -221,6 +221,12 @@ def test_a_block_already_there_is_never_sent_again(redis_server):
         st = a.stats()
         assert (st["records_saved_remote"], st["bytes_sent_remote"]) == (3, 3 * size)
     assert r.get(rkey(keys[1])) == planted  # SET NX: never replaced
+    # ...even by a writer that found the key missing a moment before (its EXISTS and
+    # its SET are two round trips): the tier's SET itself is NX.
+    with store(src, redis_server.url, ram_bytes=0) as late:
+        assert late.remote.put([(keys[1], memoryview(b"x" * size)), (keys[0], memoryview(b"y"))]) == [
+            False, False]
+    assert r.get(rkey(keys[1])) == planted and len(r.get(rkey(keys[0]))) == size
     sets = r.info("commandstats")["cmdstat_set"]["calls"]
     with store(src, redis_server.url, ram_bytes=0) as b:  # another host saving the same prompt
         assert b.save(src, tokens) == 0
