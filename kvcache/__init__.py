@@ -11,7 +11,7 @@ from kvcache._simd import available_backends, set_simd_backend, simd_backend
 from kvcache.config import CacheConfig
 from kvcache.prefix import PrefixStore, prefix_hashes
 from kvcache.errors import (
-    CacheClosedError, CacheFullError, ColdStoreError, CorruptionError, KVCacheError,
+    CacheClosedError, CacheFullError, ColdStoreError, CorruptionError, KVCacheError, RemoteTierError,
 )
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "CacheClosedError",
     "CorruptionError",
     "ColdStoreError",
+    "RemoteTierError",
     "KVCacheError",
     "simd_backend",
     "available_backends",

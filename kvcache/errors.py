@@ -33,4 +33,16 @@ class ColdStoreError(KVCacheError, OSError):
     """
 
 
-__all__ = ["KVCacheError", "CacheFullError", "CacheClosedError", "CorruptionError", "ColdStoreError"]
+class RemoteTierError(KVCacheError, OSError):
+    """The prefix store's remote tier (Redis) failed a call: unreachable, timed
+    out, or refused the command (the message names the server and the call).
+
+    Raised only by a store made with ``remote_errors="raise"``; by default
+    (``"miss"``) the call goes on with what the local tiers hold.  A load that
+    raises it leaves the cache empty; a save that raises it has stored every
+    block in the local tiers all the same.
+    """
+
+
+__all__ = ["KVCacheError", "CacheFullError", "CacheClosedError", "CorruptionError", "ColdStoreError",
+           "RemoteTierError"]

@@ -32,6 +32,11 @@ DOC = os.path.join(ROOT, "docs", "format.md")
 MODEL = "org/tiny@r1"
 B = 4
 DTYPES = ["float32", "float16", "bfloat16", "int8"]
+REMOTE_STATS = (  # the remote tier's counters (tests/test_prefix_remote.py derives them)
+    "hit_tokens_remote", "promotions_remote", "integrity_failures_remote", "records_saved_remote",
+    "bytes_sent_remote", "bytes_read_remote", "deleted_remote", "remote_round_trips", "remote_errors",
+    "remote_errors_connect", "remote_errors_match", "remote_errors_load", "remote_errors_save",
+    "remote_outages", "remote_skipped", "remote_down")
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -623,6 +628,8 @@ def test_stats_after_a_known_workload(tmp_path):
         blocks_saved=3 + 2 + 1, records_ram=4, bytes_ram=4 * size, records_disk=5, bytes_disk=5 * size,
         evictions_ram=1 + 1 + 1 + 1, evictions_disk=1, promotions=2,
         integrity_failures=0, integrity_failures_ram=0, integrity_failures_disk=0, mac_failures=0)
+    # Without a remote tier its counters are there, all zero (one schema for every store).
+    want.update(dict.fromkeys(REMOTE_STATS, 0))
     assert st == want
     assert len(files(tmp_path / "s")) == 5
 

@@ -8,6 +8,9 @@ the next save or disk read takes one (so a store at its budget writes its
 new records into memory already faulted in, not into fresh pages).  A load
 pins the records it copies (:meth:`RamTier.get`) and unpins them after; a
 pinned record that leaves the tier keeps its buffer until the last unpin.
+A record loaded from the remote tier is held as the immutable ``bytes``
+Redis returned (no copy): it is never recycled, since saves write into the
+buffers they take.
 The records held plus the spare buffers on the free list never exceed the
 budget (buffers being filled by a save, or pinned by a load after their
 record left, are outside it until they are inserted or let go).
@@ -106,7 +109,7 @@ class RamTier:
             return self.free.pop()
         if self.records and self.used + self.record_bytes > self.budget:
             key, h = next(iter(self.records.items()))
-            if h.pins == 0 and key not in protect and len(h.buf) == self.record_bytes:
+            if h.pins == 0 and key not in protect and _reusable(h.buf, self.record_bytes):
                 del self.records[key]
                 self.used -= len(h.buf)
                 self.evictions += 1
@@ -130,7 +133,7 @@ class RamTier:
 
     def _recycle(self, h: Held) -> None:
         buf, h.buf = h.buf, None
-        if len(buf) == self.record_bytes and self.used + (len(self.free) + 1) * self.record_bytes <= self.budget:
+        if _reusable(buf, self.record_bytes) and self.used + (len(self.free) + 1) * self.record_bytes <= self.budget:
             self.free.append(buf)
 
     def give_back(self, buf) -> None:
@@ -148,6 +151,12 @@ class RamTier:
         self.free.clear()
         self.used = 0
         self.budget = 0
+
+
+def _reusable(buf, record_bytes: int) -> bool:
+    """A buffer a save may write a new record into: one of the size, not a
+    remote record's immutable bytes."""
+    return len(buf) == record_bytes and not isinstance(buf, bytes)
 
 
 def take_buffer(ram: RamTier, lock, nbytes: int, protect=frozenset()):

@@ -1,23 +1,27 @@
 """PrefixStore: a content-addressed store of KV blocks shared across requests,
-processes and restarts.
+processes, restarts and hosts.
 
 Owns: the store's API (save, match, load, stats, close), its RAM tier (an
-LRU of records bounded by ``ram_bytes``), the order of a load (fetch the
-chain, check every record, then copy) and the counters.  The key spec is
-kvcache.prefix.keys', the record format kvcache.prefix.record's, the files
-kvcache.prefix.disk's, the copies kvcache._blocks'.
+LRU of records bounded by ``ram_bytes``), the order of the tiers (RAM, disk,
+then the remote tier), the order of a load (fetch the chain, check every
+record, then copy) and the counters.  The key spec is kvcache.prefix.keys',
+the record format kvcache.prefix.record's, the files kvcache.prefix.disk's,
+Redis and its round trips kvcache.prefix.remote's, the copies
+kvcache._blocks'.
 Must not touch: a cache's internals (it goes through kvcache._blocks and the
 cache's public methods) or record bytes outside kvcache.prefix.record.
 
 Thread contract: every method may be called from any thread.  One lock
 guards the RAM tier's map and the counters, held only to look up, insert or
-count: checks, copies and file I/O run outside it (records are immutable,
+count: checks, copies, file I/O and round trips to Redis run outside it (records are immutable,
 and a record dropped from RAM while a load copies it stays alive until that
 load ends).
 """
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 import struct
 import threading
@@ -27,22 +31,25 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from kvcache._blocks import append_rows, read_rows
-from kvcache.errors import CacheClosedError
+from kvcache.errors import CacheClosedError, RemoteTierError
 from kvcache.prefix import record as rec
 from kvcache.prefix.keys import chain, root_key, token_ids
 from kvcache.prefix.ram import RamTier, take_buffer
+from kvcache.prefix.remote import DEFAULT_BACKOFF, STAT_NAMES as REMOTE_STAT_NAMES, redis_key  # no redis import
 
 log = logging.getLogger("kvcache")
 
-TIERS = ("ram", "disk")
+TIERS = ("ram", "disk", "remote")
+REMOTE_ERRORS = ("miss", "raise")
 DEFAULT_RAM_BYTES = 1 << 30
 U32_LIMIT = 2**32  # the record header's shape fields are uint32
 STAT_NAMES = (
     "lookups", "query_tokens", "hit_tokens_ram", "hit_tokens_disk", "blocks_saved",
     "records_ram", "bytes_ram", "records_disk", "bytes_disk", "evictions_ram", "evictions_disk",
     "promotions", "integrity_failures", "integrity_failures_ram", "integrity_failures_disk",
-    "mac_failures",
+    "mac_failures", "hit_tokens_remote", "promotions_remote", "integrity_failures_remote",
 )
+# The remote tier's own counters follow (kvcache.prefix.remote.STAT_NAMES), zero without one.
 
 
 class _OnDisk:
@@ -75,6 +82,47 @@ def _path_option(name: str, value) -> Optional[str]:
     if not path:
         raise ValueError(f"PrefixStore.{name}: expected a path or None, got {value!r}")
     return os.fsdecode(path)
+
+
+def _seconds(name: str, value, or_none: str = "") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"PrefixStore.{name}: expected seconds (a number){or_none}, "
+                        f"got {type(value).__name__}")
+    seconds = float(value)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"PrefixStore.{name}: expected seconds > 0, got {value!r}")
+    return seconds
+
+
+def _remote_options(remote, ttl, errors, timeout, backoff) -> dict:
+    """The remote tier's options, checked (before redis is imported)."""
+    given = [n for n, v, default in (("remote_ttl", ttl, None), ("remote_errors", errors, "miss"),
+                                     ("remote_timeout", timeout, None),
+                                     ("remote_backoff", backoff, None)) if v != default]
+    if remote is None:
+        if given:
+            raise ValueError(f"PrefixStore.{given[0]}: given without remote= (no remote tier)")
+        return {}
+    if isinstance(remote, str) and not remote:
+        raise ValueError("PrefixStore.remote: expected a URL or a redis client, got ''")
+    ttl = _int_option("remote_ttl", ttl, 1, allow_none=True)
+    if not isinstance(errors, str):
+        raise TypeError(f"PrefixStore.remote_errors: expected 'miss' or 'raise', got {type(errors).__name__}")
+    if errors not in REMOTE_ERRORS:
+        raise ValueError(f"PrefixStore.remote_errors: expected 'miss' or 'raise', got {errors!r}")
+    timeout = None if timeout is None else _seconds("remote_timeout", timeout, " or None")
+    if timeout is not None and not isinstance(remote, str):
+        raise ValueError("PrefixStore.remote_timeout: applies to a client built from a URL; a ready "
+                         "client keeps its own timeouts (socket_timeout, socket_connect_timeout)")
+    if backoff is None:
+        backoff = DEFAULT_BACKOFF
+    if not isinstance(backoff, (tuple, list)) or len(backoff) != 2:
+        raise TypeError(f"PrefixStore.remote_backoff: expected (first, longest) in seconds, got "
+                        f"{backoff!r}")
+    first, longest = (_seconds("remote_backoff", b) for b in backoff)
+    if first > longest:
+        raise ValueError(f"PrefixStore.remote_backoff: expected first <= longest, got {tuple(backoff)!r}")
+    return dict(ttl=ttl, timeout=timeout, raise_errors=errors == "raise", backoff=(first, longest))
 
 
 def _kv_of(cache, where: str):
@@ -116,7 +164,31 @@ class PrefixStore:
         Part of every key: stores with different salts never share records.
     secret : bytes, optional
         Records carry an HMAC-SHA256 under it instead of a CRC32C: whoever
-        can write ``disk_dir`` without it cannot inject KV.
+        can write ``disk_dir`` (or the Redis keys) without it cannot inject KV.
+    remote : str, redis.Redis or redis.cluster.RedisCluster, optional
+        A third tier, after RAM and disk, shared by every store pointed at
+        the same server: a URL (``redis://host:port/db``, ``rediss://...``,
+        ``unix:///path?db=N``, ``redis+cluster://host:port``) or a ready
+        redis-py client (used as it is, with its own timeouts and retries,
+        and left open by :meth:`close`).  Needs ``pip install kvcache[redis]``.
+        Layout and behaviour: docs/format.md §7.5, docs/reliability.md.
+    remote_ttl : int, optional
+        Seconds a record lives in Redis after it is written or last hit
+        (match, load, or a save finding it there); None: until Redis evicts it.
+    remote_errors : {"miss", "raise"}
+        What a failed round trip does.  ``"miss"`` (default): the call goes on
+        with what the local tiers hold (nothing partial reaches the cache),
+        the failure is counted and logged once per outage, and later calls
+        skip the server (no round trip) until the backoff delay has passed;
+        the store is made even if the server is unreachable.  ``"raise"``:
+        every call tries the server and a failure raises
+        :class:`~kvcache.RemoteTierError` (an ``OSError``), the constructor too.
+    remote_timeout : float, optional
+        Seconds to connect and to wait for each reply, for a client built from
+        a URL (default 2.0).
+    remote_backoff : (float, float), optional
+        The delay before the first retry after a failure and the longest one
+        (default ``(0.5, 30.0)``): it doubles with each failed retry.
 
     Notes
     -----
@@ -127,7 +199,9 @@ class PrefixStore:
     def __init__(self, model: str, *, n_layers: int, n_kv_heads: int, head_dim: int,
                  block_tokens: int, dtype: str = "float32", ram_bytes: int = DEFAULT_RAM_BYTES,
                  disk_dir=None, disk_bytes: Optional[int] = None, salt: bytes = b"",
-                 secret: Optional[bytes] = None):
+                 secret: Optional[bytes] = None, remote=None, remote_ttl: Optional[int] = None,
+                 remote_errors: str = "miss", remote_timeout: Optional[float] = None,
+                 remote_backoff: Optional[Tuple[float, float]] = None):
         self.root = root_key(model=model, n_layers=n_layers, n_kv_heads=n_kv_heads,
                              head_dim=head_dim, block_tokens=block_tokens, dtype=dtype, salt=salt,
                              where="PrefixStore")
@@ -151,6 +225,8 @@ class PrefixStore:
         self.ram_bytes = _int_option("ram_bytes", ram_bytes, 0)
         self.disk_bytes = _int_option("disk_bytes", disk_bytes, 0, allow_none=True)
         disk_dir = _path_option("disk_dir", disk_dir)
+        remote_options = _remote_options(remote, remote_ttl, remote_errors, remote_timeout,
+                                         remote_backoff)
         self._secret = bytes(secret) if secret is not None else None
         self._scratch: list = []  # buffers of one record's rows for loads streaming from disk
         self._lock = threading.Lock()
@@ -161,6 +237,10 @@ class PrefixStore:
         if disk_dir is not None:
             from kvcache.prefix.disk import DiskTier
             self.disk = DiskTier(disk_dir, self.disk_bytes)
+        self.remote = None
+        if remote is not None:
+            from kvcache.prefix.remote import RemoteTier  # imports redis
+            self.remote = RemoteTier(remote, **remote_options)
 
     @classmethod
     def for_cache(cls, cache, model: str, **options) -> "PrefixStore":
@@ -172,11 +252,14 @@ class PrefixStore:
 
     # -- lifetime ---------------------------------------------------------------------
     def close(self) -> None:
-        """Drop the RAM tier (the disk tier's files stay).  Idempotent."""
+        """Drop the RAM tier (the disk tier's files and the remote tier's records
+        stay; a client the store made from a URL is closed).  Idempotent."""
         with self._lock:
             self._closed = True
             self._ram.clear()
             self._scratch.clear()
+        if self.remote is not None:
+            self.remote.close()
 
     @property
     def closed(self) -> bool:
@@ -193,7 +276,9 @@ class PrefixStore:
         L = self.layout
         return (f"<PrefixStore {self.model!r} {L.n_layers}x{L.n_kv_heads}x{L.head_dim}:"
                 f"{L.block_tokens}:{L.dtype}, {len(self._ram)} records in RAM"
-                f"{', disk ' + self.disk.path if self.disk else ''}{', closed' if self._closed else ''}>")
+                f"{', disk ' + self.disk.path if self.disk else ''}"
+                f"{', remote ' + self.remote.where if self.remote else ''}"
+                f"{', closed' if self._closed else ''}>")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -227,6 +312,14 @@ class PrefixStore:
     def save(self, cache, tokens) -> int:
         """Copy every full block of ``tokens`` that the store lacks out of ``cache``.
 
+        With a remote tier, the blocks missing there are sent too, whichever
+        tier holds them here (a block saved while the server was down, or
+        evicted by Redis, is sent by the next save of its prompt): one round
+        trip asks which keys Redis holds (EXISTS, or EXPIRE with
+        ``remote_ttl``, which refreshes them), one more sends the missing ones
+        (SET NX: a block already there is never sent again, and concurrent
+        writers of a block never conflict).
+
         Parameters
         ----------
         cache : TieredKVCache or TieredCache
@@ -239,7 +332,10 @@ class PrefixStore:
         Returns
         -------
         int
-            Blocks added (already stored ones are not copied again).
+            Blocks that no tier of the store held before and one holds now
+            (already stored ones are not copied again).  A block held here
+            and sent to the remote tier is not counted: ``stats()``'s
+            ``records_saved_remote`` counts what the remote tier gained.
 
         Raises
         ------
@@ -248,33 +344,64 @@ class PrefixStore:
             (the message names the field).
         CorruptionError
             A cold block of the cache failing its checksum (nothing is added
-            for it or after it).
+            for it or after it, nothing is sent to the remote tier).
         OSError
             The disk tier cannot write: every new record is in RAM all the
             same (and counted in ``blocks_saved``), none from the refused one
             on is on disk.
+        RemoteTierError
+            With ``remote_errors="raise"``, a failed round trip to Redis: the
+            local tiers hold every block all the same.
         """
         self._check_open()
         ids = token_ids(tokens)
         kv = self._check_cache(cache, "save")
-        L = self.layout
-        B = L.block_tokens
+        B = self.layout.block_tokens
         n = min(len(ids), kv.seq_len) // B
         keys = chain(self.root, ids, B, n)
-        missing = [i for i, key in enumerate(keys) if self._holds(key, touch=True) is None]
-        if not missing:
+        local = self.ram_bytes > 0 or self.disk is not None
+        missing = [i for i, key in enumerate(keys) if local and self._holds(key, touch=True) is None]
+        push: List[int] = []
+        remote_error: Optional[BaseException] = None
+        there = None  # which blocks Redis holds (None: unknown)
+        if self.remote is not None and keys:
+            try:
+                there = self.remote.exists(keys, "save")
+            except RemoteTierError as exc:  # raised once the local tiers have the blocks
+                remote_error = exc
+            push = [i for i, t in enumerate(there or ()) if not t]
+        if not missing and not push:
+            if remote_error is not None:
+                raise remote_error
             return 0
         chain_keys = frozenset(keys)
-        added, refused = 0, None
+        new, to_send = set(missing), set(push)
+        unheld = new if local else set(range(len(keys)))  # blocks no local tier held
+        added: set = set()          # by the local tiers
+        added_remote: set = set()   # by the remote tier alone
+        sending: List[Tuple[bytes, Any]] = []
+        pinned: list = []   # RAM records being sent (unpinned after)
+        loose: list = []    # buffers no tier holds, being sent (given back after)
+        refused = None
         # Written in chain order (a crash leaves a prefix of it), stamped in reverse
         # (the disk tier evicts a chain's tail before its head).
-        stamp = time.time_ns() + len(missing)
+        stamp = time.time_ns() + len(keys)
         try:
-            for j, i in enumerate(missing):  # one block at a time: at the budget, each reuses an evicted buffer
-                buf = take_buffer(self._ram, self._lock, L.total, chain_keys)
-                rec.write_header(buf, L, keys[i], keys[i - 1] if i else self.root, ids[i * B:(i + 1) * B])
-                crc = read_rows(kv, i * B, (i + 1) * B, buf, L.header_bytes)  # summed as it copies
-                rec.seal(buf, L, self._secret, None if L.mac else crc)
+            for j, i in enumerate(sorted(new | to_send)):
+                if i not in new:  # held here, missing remotely: RAM's copy, else read anew
+                    with self._lock:
+                        held = self._ram.records.get(keys[i])
+                        if held is not None:
+                            held.pins += 1
+                            pinned.append(held)
+                            sending.append((keys[i], held.buf))
+                    if held is None:
+                        buf = self._record_of(kv, keys, ids, i, chain_keys)
+                        loose.append(buf)
+                        sending.append((keys[i], buf))
+                    continue
+                # One block at a time: at the budget, each reuses an evicted buffer.
+                buf = self._record_of(kv, keys, ids, i, chain_keys)
                 with self._lock:
                     self._check_open()
                     # Another thread's save holds it in RAM already: its block, whoever
@@ -290,33 +417,80 @@ class PrefixStore:
                 except OSError as exc:  # the rest still go to RAM; raised once they are there
                     refused = exc
                 finally:
-                    with self._lock:
-                        if held is not None:
-                            self._ram.unpin(held)
-                        else:
-                            self._ram.give_back(buf)
+                    if i in to_send:
+                        sending.append((keys[i], buf))
+                        (pinned if held is not None else loose).append(held if held is not None else buf)
+                    else:
+                        with self._lock:
+                            if held is not None:
+                                self._ram.unpin(held)
+                            else:
+                                self._ram.give_back(buf)
                 if held is not None or (wrote and not theirs):
-                    added += 1
+                    added.add(i)
+            if sending:
+                assert self.remote is not None
+                try:
+                    done = self.remote.put(sending)
+                except RemoteTierError as exc:
+                    done, remote_error = None, exc
+                index = {key: i for i, key in enumerate(keys)}
+                added_remote.update(index[key] for (key, _), ok in zip(sending, done or ())
+                                    if ok and index[key] in unheld)
         finally:
             with self._lock:
-                self._counts["blocks_saved"] += added
+                for held in pinned:
+                    self._ram.unpin(held)
+                for buf in loose:
+                    self._ram.give_back(buf)
+                self._counts["blocks_saved"] += len(added)
         if refused is not None:
             raise refused
-        return added
+        if remote_error is not None:
+            raise remote_error
+        if there is not None:  # a block the remote tier held was not new to the store
+            added = {i for i in added if not there[i]}
+        return len(added | added_remote)
+
+    def _record_of(self, kv, keys: List[bytes], ids: np.ndarray, i: int, chain_keys):
+        """Block ``i``'s record, read out of ``kv`` into a buffer (at the RAM
+        budget, an evicted record's)."""
+        L = self.layout
+        B = L.block_tokens
+        buf = take_buffer(self._ram, self._lock, L.total, chain_keys)
+        rec.write_header(buf, L, keys[i], keys[i - 1] if i else self.root, ids[i * B:(i + 1) * B])
+        crc = read_rows(kv, i * B, (i + 1) * B, buf, L.header_bytes)  # summed as it copies
+        rec.seal(buf, L, self._secret, None if L.mac else crc)
+        return buf
 
     # -- lookups ------------------------------------------------------------------------
     def match(self, tokens) -> int:
         """Positions of the longest stored prefix of ``tokens`` (a multiple of
-        ``block_tokens``), loading and checking nothing."""
+        ``block_tokens``), loading and checking nothing.
+
+        The local tiers serve the chain up to their first miss, the remote
+        tier from there up to its own: one round trip (EXISTS per key, or
+        EXPIRE with ``remote_ttl``, which refreshes the records there), none
+        when the local tiers hold the whole chain.  Raises RemoteTierError
+        only with ``remote_errors="raise"``.
+        """
         self._check_open()
         ids = token_ids(tokens)
         B = self.layout.block_tokens
+        keys = chain(self.root, ids, B)
         hits = {t: 0 for t in TIERS}
-        for key in chain(self.root, ids, B):
+        held = 0
+        for key in keys:
             tier = self._holds(key)
             if tier is None:
                 break
             hits[tier] += B
+            held += 1
+        if held < len(keys) and self.remote is not None:
+            for there in self.remote.exists(keys[held:], "match") or ():
+                if not there:
+                    break
+                hits["remote"] += B
         self._count_lookup(len(ids), hits)
         return sum(hits.values())
 
@@ -330,7 +504,10 @@ class PrefixStore:
     def _fetch(self, keys: List[bytes]) -> List[Tuple[Any, str, Any]]:
         """(buffer, tier, handle) of the stored chain's records, up to the first
         miss; the handle is the pinned RAM record (unpin it) or the file's inode.
-        A disk record is a buffer, or an _OnDisk when loads stream (close its fd)."""
+        A disk record is a buffer, or an _OnDisk when loads stream (close its fd).
+        Past the local tiers' first miss, the remote tier's records, all in one
+        round trip, up to its first miss: the ``bytes`` Redis returned (checked
+        and copied in place)."""
         L = self.layout
         out: List[Tuple[Any, str, Any]] = []
         chain_keys = frozenset(keys)  # a disk read may recycle a RAM record's buffer, not the chain's
@@ -355,6 +532,16 @@ class PrefixStore:
         except BaseException:
             self._unpin(out, set())
             raise
+        if len(out) < len(keys) and self.remote is not None:
+            try:
+                got = self.remote.get(keys[len(out):])
+            except BaseException:
+                self._unpin(out, set())
+                raise
+            for value in got or ():
+                if value is None:
+                    break
+                out.append((value, "remote", None))
         return out
 
     def _read_disk(self, key: bytes, chain_keys):
@@ -386,6 +573,8 @@ class PrefixStore:
         to RAM given back to the free list."""
         with self._lock:
             for buf, tier, handle in found:
+                if tier == "remote":
+                    continue  # immutable bytes, freed with their last reference
                 if tier == "ram":
                     self._ram.unpin(handle)
                 elif isinstance(buf, _OnDisk):
@@ -416,7 +605,13 @@ class PrefixStore:
 
     def _refuse(self, key: bytes, block: int, why: str, buf, tier: str, handle) -> None:
         disk = self.disk
-        where = disk.file_of(key) if disk is not None and tier == "disk" else f"RAM record {key.hex()}"
+        if tier == "remote":
+            assert self.remote is not None
+            where = f"remote record {redis_key(key).decode()} on {self.remote.where}"
+        elif tier == "disk" and disk is not None:
+            where = disk.file_of(key)
+        else:
+            where = f"RAM record {key.hex()}"
         with self._lock:
             self._counts["integrity_failures"] += 1
             self._counts["integrity_failures_" + tier] += 1
@@ -432,6 +627,8 @@ class PrefixStore:
                   where, block, why)
         if disk is not None and tier == "disk":
             disk.remove(key, handle)
+        elif tier == "remote" and self.remote is not None:
+            self.remote.delete(key)
 
     def load(self, cache, tokens) -> int:
         """Copy the longest stored prefix of ``tokens`` into the empty ``cache``.
@@ -442,6 +639,15 @@ class PrefixStore:
         token ids, then its CRC32C or HMAC) before any byte of it is copied;
         the first one failing ends the prefix (a counted miss).  The cache
         then holds exactly what storing those positions had stored.
+
+        The local tiers serve the chain up to their first miss; the remote
+        tier the rest, fetched in one round trip (GET, or GETEX with
+        ``remote_ttl``, which refreshes them) before anything is copied, up to
+        its first miss.  Its records are checked and copied from the bytes
+        Redis returned, then held in RAM as they are (``promotions_remote``);
+        one failing a check is deleted from Redis (unless its only fault is its
+        HMAC).  If the round trip fails, the load copies what the local tiers
+        hold: nothing of the remote reaches the cache.
 
         Returns
         -------
@@ -455,6 +661,9 @@ class PrefixStore:
             cache that is not empty.
         CacheFullError, ColdStoreError
             The cache cannot take the rows (it is left empty).
+        RemoteTierError
+            With ``remote_errors="raise"``, a failed round trip to Redis (the
+            cache is left empty).
         """
         self._check_open()
         ids = token_ids(tokens)
@@ -508,11 +717,18 @@ class PrefixStore:
 
     def _promote(self, keys, found) -> set:
         """Disk hits come back to RAM and become the disk tier's most recent (a
-        block more recent than the blocks after it); returns the ids of the
-        buffers now held in RAM."""
+        block more recent than the blocks after it); remote hits come to RAM
+        (not to disk) as the very ``bytes`` Redis returned: no copy, only a
+        reference.  Returns the ids of the buffers now held in RAM."""
         promoted, protect = set(), frozenset(keys)
         stamp = time.time_ns() + len(keys)
         for j, (key, (buf, tier, _)) in enumerate(zip(keys, found)):
+            if tier == "remote":
+                with self._lock:
+                    if not self._closed and self._ram.insert(key, buf, protect) is not None:
+                        self._counts["promotions_remote"] += 1
+                        promoted.add(id(buf))
+                continue
             if tier != "disk" or self.disk is None:
                 continue
             self.disk.touch(key, stamp - j)
@@ -549,4 +765,6 @@ class PrefixStore:
                 out["records_disk"] = self.disk.records
                 out["bytes_disk"] = self.disk.bytes
                 out["evictions_disk"] = self.disk.evictions
+        out.update(self.remote.stats() if self.remote is not None
+                   else dict.fromkeys(REMOTE_STAT_NAMES, 0))
         return out
