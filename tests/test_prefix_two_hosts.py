@@ -21,7 +21,6 @@ from helpers import run_python
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-pytest.importorskip("redis")
 
 import kvcache  # noqa: E402
 import prefix_remote_worker as w  # noqa: E402
