@@ -286,10 +286,9 @@ class RemoteTier:
                 self._failed_tries += 1
             self._retry_at = _now() + self._delay
         if first:
-            log.warning("kvcache prefix store: the remote tier %s failed (%s during %s: %s): its "
-                        "calls are misses until it answers again (retried after %g s, then backing "
-                        "off to %g s)", self.where, type(exc).__name__, op, exc, self.backoff[0],
-                        self.backoff[1])
+            log.warning("kvcache prefix store: the remote tier %s is down (%s during %s: %s): calls "
+                        "go on with the local tiers; retried after %g s, backing off up to %g s",
+                        self.where, type(exc).__name__, op, exc, self.backoff[0], self.backoff[1])
         if self.raise_errors and not quiet:
             raise RemoteTierError(f"the remote tier {self.where} failed during {op}: "
                                   f"{type(exc).__name__}: {exc}") from exc
@@ -301,7 +300,7 @@ class RemoteTier:
                 return
             self._down_since = None
             self._delay = self.backoff[0]
-        log.warning("kvcache prefix store: the remote tier %s answers again, after %.1f s down "
+        log.warning("kvcache prefix store: the remote tier %s is back after %.1f s down "
                     "(%d failed round trips)", self.where, _now() - since, tries)
 
     def _call(self, op: str, commands: Sequence[tuple], quiet: bool = False) -> Optional[List[Any]]:

@@ -364,11 +364,12 @@ class PrefixStore:
         missing = [i for i, key in enumerate(keys) if local and self._holds(key, touch=True) is None]
         push: List[int] = []
         remote_error: Optional[BaseException] = None
+        there = None  # which blocks Redis holds (None: unknown)
         if self.remote is not None and keys:
             try:
                 there = self.remote.exists(keys, "save")
             except RemoteTierError as exc:  # raised once the local tiers have the blocks
-                there, remote_error = None, exc
+                remote_error = exc
             push = [i for i, t in enumerate(there or ()) if not t]
         if not missing and not push:
             if remote_error is not None:
@@ -448,6 +449,8 @@ class PrefixStore:
             raise refused
         if remote_error is not None:
             raise remote_error
+        if there is not None:  # a block the remote tier held was not new to the store
+            added = {i for i in added if not there[i]}
         return len(added | added_remote)
 
     def _record_of(self, kv, keys: List[bytes], ids: np.ndarray, i: int, chain_keys):
