@@ -38,7 +38,9 @@ from kvcache._benchkit import Side
 from test_prefix import BLOCK, TOKEN_BYTES, filled_cache, new_cache, same_rows
 
 redis = pytest.importorskip("redis")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+# Last on the path: the test suite's modules named like benchmarks' (test_prefix...) must not
+# shadow them.
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from redis_servers import RedisServer  # noqa: E402
 
 from kvcache.prefix.remote import DEFAULT_TIMEOUT, redis_key  # noqa: E402
