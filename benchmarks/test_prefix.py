@@ -34,18 +34,28 @@ DTYPE = "float16"
 TOKEN_BYTES = 2 * N_LAYERS * N_HEADS * HEAD_DIM * 2  # 128 KiB
 
 
-@pytest.fixture(scope="module")
-def source():
-    """A float16 cache holding PREFIX + 1 positions of random KV, and the prompt's ids."""
-    c = kvcache.TieredKVCache(n_layers=N_LAYERS, n_kv_heads=N_HEADS, head_dim=HEAD_DIM,
-                              max_seq_len=PREFIX + BLOCK, block_tokens=BLOCK, dtype=DTYPE)
+def new_cache(prefix):
+    """An empty float16 cache of the benchmark shape with room for ``prefix`` + a block."""
+    return kvcache.TieredKVCache(n_layers=N_LAYERS, n_kv_heads=N_HEADS, head_dim=HEAD_DIM,
+                                 max_seq_len=prefix + BLOCK, block_tokens=BLOCK, dtype=DTYPE)
+
+
+def filled_cache(prefix):
+    """A float16 cache holding ``prefix`` + 1 positions of random KV, and the prompt's ids."""
+    c = new_cache(prefix)
     rng = np.random.default_rng(13)
-    for _ in range(PREFIX // BLOCK):
+    for _ in range(prefix // BLOCK):
         k = rng.standard_normal((N_LAYERS, BLOCK, N_HEADS, HEAD_DIM), dtype=np.float32).astype(np.float16)
         c.store_layers(k, -k)
     one = np.ones((N_LAYERS, 1, N_HEADS, HEAD_DIM), np.float16)
     c.store_layers(one, one)
-    ids = rng.integers(0, 128_000, PREFIX + 1)
+    return c, rng.integers(0, 128_000, prefix + 1)
+
+
+@pytest.fixture(scope="module")
+def source():
+    """A float16 cache holding PREFIX + 1 positions of random KV, and the prompt's ids."""
+    c, ids = filled_cache(PREFIX)
     yield c, ids
     c.close()
 
@@ -53,8 +63,7 @@ def source():
 @pytest.fixture(scope="module")
 def target():
     """The empty cache loads go into (prefaulted, like the limit's buffer)."""
-    c = kvcache.TieredKVCache(n_layers=N_LAYERS, n_kv_heads=N_HEADS, head_dim=HEAD_DIM,
-                              max_seq_len=PREFIX + BLOCK, block_tokens=BLOCK, dtype=DTYPE)
+    c = new_cache(PREFIX)
     yield c
     c.close()
 
@@ -68,7 +77,8 @@ def limit():
     return lim.side(k, k.copy())
 
 
-def _same(a, b, positions):
+def same_rows(a, b, positions):
+    """``b`` holds ``a``'s first ``positions`` (first and last layer), bit for bit."""
     for layer in (0, N_LAYERS - 1):
         ka, va = a.get(layer, 0, positions, raw=True)
         kb, vb = b.get(layer, 0, positions, raw=True)
@@ -91,7 +101,7 @@ def test_load(benchmark, source, target, limit, tmp_path, tier):
             token_bytes=TOKEN_BYTES)
     target.reset()
     assert store.load(target, ids) == PREFIX  # ids hold PREFIX + 1 tokens
-    _same(cache, target, PREFIX)
+    same_rows(cache, target, PREFIX)
     s = store.stats()
     assert s["integrity_failures"] == 0 and s[f"hit_tokens_{tier}"] >= PREFIX
     store.close()
@@ -125,7 +135,7 @@ def test_save(benchmark, source, target, limit, state):
     store = stores[0]
     target.reset()
     assert store.load(target, prompts[0]) == PREFIX
-    _same(cache, target, PREFIX)
+    same_rows(cache, target, PREFIX)
 
 
 def test_match_32k(benchmark):
