@@ -236,8 +236,8 @@ class RemoteTier:
                                  "(records are bytes), got one decoding replies")
             self._client, self._owned = remote, False
             self.where = _describe(remote)
-        self._errors: Tuple[Type[BaseException], ...] = (redis.exceptions.RedisError,
-                                          redis.exceptions.RedisClusterException, OSError)
+        self._errors: Tuple[Type[BaseException], ...] = (
+            redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
         self._cluster = redis.cluster.RedisCluster
         self._redirect = (redis.exceptions.AskError, redis.exceptions.TryAgainError)
         self._lock = threading.Lock()
