@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from kvcache.errors import RemoteTierError
 
@@ -155,11 +155,10 @@ def _client_from_url(url: str, scheme: str, timeout: float):
 def _packed_connection(redis):
     """redis.Connection sending with :class:`_Packer` (RedisCluster passes its
     nodes a connection class, not a packer)."""
-    class PackedConnection(redis.Connection):
-        def __init__(self, **kwargs):
-            kwargs.setdefault("command_packer", _Packer())
-            super().__init__(**kwargs)
-    return PackedConnection
+    def __init__(self, **kwargs):
+        kwargs.setdefault("command_packer", _Packer())
+        redis.Connection.__init__(self, **kwargs)
+    return type("PackedConnection", (redis.Connection,), {"__init__": __init__})
 
 
 def _describe(client) -> str:
@@ -237,8 +236,8 @@ class RemoteTier:
                                  "(records are bytes), got one decoding replies")
             self._client, self._owned = remote, False
             self.where = _describe(remote)
-        self._errors: Tuple[type, ...] = (redis.exceptions.RedisError,
-                                          redis.exceptions.RedisClusterException, OSError)
+        self._errors: Tuple[Type[BaseException], ...] = (
+            redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
         self._cluster = redis.cluster.RedisCluster
         self._redirect = (redis.exceptions.AskError, redis.exceptions.TryAgainError)
         self._lock = threading.Lock()
@@ -360,6 +359,7 @@ class RemoteTier:
     def exists(self, keys: Sequence[bytes], op: str) -> Optional[List[bool]]:
         """Which of ``keys`` have a record (one round trip; with a TTL, EXPIRE
         refreshes the ones there); None if the tier is unavailable."""
+        commands: List[tuple]
         if self.ttl is None:
             commands = [("EXISTS", redis_key(k)) for k in keys]
         else:
@@ -373,6 +373,7 @@ class RemoteTier:
         """The values of ``keys`` (None where there is none; b"" for a key
         holding another type, which no record check passes), one round trip
         (with a TTL, GETEX refreshes them); None if the tier is unavailable."""
+        commands: List[tuple]
         if self.ttl is None:
             commands = [("GET", redis_key(k)) for k in keys]
         else:

@@ -84,15 +84,14 @@ def _path_option(name: str, value) -> Optional[str]:
     return os.fsdecode(path)
 
 
-def _seconds_option(name: str, value, allow_none: bool = True) -> Optional[float]:
-    if value is None and allow_none:
-        return None
+def _seconds(name: str, value, or_none: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"PrefixStore.{name}: expected seconds (a number){' or None' if allow_none else ''}"
-                        f", got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
+        raise TypeError(f"PrefixStore.{name}: expected seconds (a number){or_none}, "
+                        f"got {type(value).__name__}")
+    seconds = float(value)
+    if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"PrefixStore.{name}: expected seconds > 0, got {value!r}")
-    return float(value)
+    return seconds
 
 
 def _remote_options(remote, ttl, errors, timeout, backoff) -> dict:
@@ -111,7 +110,7 @@ def _remote_options(remote, ttl, errors, timeout, backoff) -> dict:
         raise TypeError(f"PrefixStore.remote_errors: expected 'miss' or 'raise', got {type(errors).__name__}")
     if errors not in REMOTE_ERRORS:
         raise ValueError(f"PrefixStore.remote_errors: expected 'miss' or 'raise', got {errors!r}")
-    timeout = _seconds_option("remote_timeout", timeout)
+    timeout = None if timeout is None else _seconds("remote_timeout", timeout, " or None")
     if timeout is not None and not isinstance(remote, str):
         raise ValueError("PrefixStore.remote_timeout: applies to a client built from a URL; a ready "
                          "client keeps its own timeouts (socket_timeout, socket_connect_timeout)")
@@ -120,7 +119,7 @@ def _remote_options(remote, ttl, errors, timeout, backoff) -> dict:
     if not isinstance(backoff, (tuple, list)) or len(backoff) != 2:
         raise TypeError(f"PrefixStore.remote_backoff: expected (first, longest) in seconds, got "
                         f"{backoff!r}")
-    first, longest = (_seconds_option("remote_backoff", b, allow_none=False) for b in backoff)
+    first, longest = (_seconds("remote_backoff", b) for b in backoff)
     if first > longest:
         raise ValueError(f"PrefixStore.remote_backoff: expected first <= longest, got {tuple(backoff)!r}")
     return dict(ttl=ttl, timeout=timeout, raise_errors=errors == "raise", backoff=(first, longest))
