@@ -7,6 +7,7 @@ passed or failed; and a machine without Redis skips (or, under KVCACHE_REQUIRE_R
 fails) naming what is missing.
 """
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -259,7 +260,8 @@ def test_every_process_stopped_also_when_a_test_fails(tmp_path):
     p = run_child(tmp_path, {})
     assert p.returncode == 1, p.stdout + p.stderr  # one failure, on purpose
     assert "1 failed, 2 passed" in p.stdout, p.stdout
-    pids = [int(w) for line in p.stdout.splitlines() if line.startswith("PID") for w in line.split()[1:]]
+    # -s prints a test's output after its progress line's prefix ("test_child.py PID ..."): match anywhere.
+    pids = [int(w) for m in re.findall(r"PID((?: \d+)+)", p.stdout) for w in m.split()]
     assert len(pids) == 6, p.stdout
     assert all(gone(pid) for pid in pids), [pid for pid in pids if not gone(pid)]
 
