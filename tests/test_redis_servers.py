@@ -176,6 +176,29 @@ def test_cluster_is_empty_at_each_test(redis_cluster):
     redis_cluster.client().set("left behind", b"x")
 
 
+_killed = {}
+
+
+def test_cluster_kill_a_node(redis_cluster):
+    _killed["pids"] = [n.pid for n in redis_cluster.nodes]
+    redis_cluster.nodes[2].kill()
+    redis_cluster.nodes[0].pause()
+
+
+def test_cluster_next_test_gets_three_healthy_masters(redis_cluster):
+    """Runs after test_cluster_kill_a_node (file order): that cluster replaced, its nodes gone."""
+    if "pids" in _killed:
+        assert not set(_killed["pids"]) & {n.pid for n in redis_cluster.nodes}
+        assert all(gone(pid) for pid in _killed["pids"])
+    assert redis_cluster.healthy() and len(redis_cluster.nodes) == 3
+    for node in redis_cluster.nodes:
+        with node.client() as c:
+            info = redis_servers._cluster_info(c)
+        assert info["cluster_state"] == "ok" and info["cluster_size"] == "3", info
+    rc = redis_cluster.client()
+    assert rc.set("k", b"v") and rc.get("k") == b"v"
+
+
 def test_session_cluster_heals_after_a_kill_and_a_pause():
     """The session holder: a paused node is resumed, a dead one gets the cluster replaced."""
     holder = redis_servers._SessionCluster()
