@@ -149,6 +149,16 @@ def _ping(host, port, password, timeout=0.5):
         return False
 
 
+
+def _close_all(clients):
+    """Close the clients a server object handed out (best effort: their server may be dead)."""
+    for c in clients:
+        try:
+            c.close()
+        except Exception:
+            pass
+    clients.clear()
+
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1 (see the module docstring); use :meth:`start`.
 
@@ -346,12 +356,7 @@ class RedisServer:
     def stop(self):
         """Stop the server (resumed first if paused; SIGTERM, SIGKILL after 5 s) and remove
         its directory; closes the clients of :meth:`client`.  Idempotent."""
-        for c in self._clients:
-            try:
-                c.close()
-            except Exception:
-                pass
-        self._clients.clear()
+        _close_all(self._clients)
         if self._proc is not None and self._proc.poll() is None:
             if self._paused:
                 self._proc.send_signal(signal.SIGCONT)
@@ -460,12 +465,7 @@ class RedisClusterServers:
 
     def stop(self):
         """Stop every node (idempotent) and close the clients of :meth:`client`."""
-        for c in self._clients:
-            try:
-                c.close()
-            except Exception:
-                pass
-        self._clients.clear()
+        _close_all(self._clients)
         for n in self.nodes:
             n.stop()
 
